@@ -193,6 +193,7 @@ def run_prune(args, argv) -> int:
             start = time.perf_counter()
             ids = calibration_windows(args.calibration, tokenizer, args.nsamples, seqlen, args.seed)
             _check_token_range(ids, model, args.calibration)
+            seqlen = seqlen or int(ids.shape[1])  # a tokens: file sets it for evaluation too
             calibration = {"source": args.calibration, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
                            "seed": args.seed}
             timings["calibration_s"] = time.perf_counter() - start
@@ -215,7 +216,7 @@ def run_prune(args, argv) -> int:
             for source in settings["eval_sources"]:
                 eval_ids = evaluation_windows(source, tokenizer, seqlen, args.eval_samples)
                 _check_token_range(eval_ids, model, source)
-                windows[source] = int(eval_ids.shape[0])
+                windows[source] = list(eval_ids.shape)
                 ppl[source] = perplexity(model, eval_ids, device, batch_size=1, progress=progress)
                 _log(f"perplexity {source}: {ppl[source]:.3f} ({eval_ids.shape[0]} windows x {eval_ids.shape[1]})")
             model.to("cpu")
@@ -234,7 +235,7 @@ def run_prune(args, argv) -> int:
         "sparsity_per_layer": report.layer_sparsity,
         "method_notes": report.layer_info,
         "ppl": ppl,
-        "eval": {"seqlen": seqlen, "windows": windows, "max_windows": args.eval_samples},
+        "eval": {"windows": windows, "max_windows": args.eval_samples},
         "calibration": calibration,
         "seed": args.seed,
         "timings": timings,

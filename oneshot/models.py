@@ -193,7 +193,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
     else:
         where, extra, source = spec, {}, spec
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # GGUF loading prints one tqdm bar per tensor otherwise
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # GGUF loading draws a bar per tensor; ours per block is enough
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
@@ -201,6 +202,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
         raise ModelError(f"could not load model {spec}: {str(exc).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     # A GGUF-loaded config remembers its quantisation; the weights are now plain tensors.
     if getattr(model.config, "quantization_config", None) and "gguf_file" in extra:
         del model.config.quantization_config

@@ -1,0 +1,6 @@
+"""`python -m oneshot` is the same as the `oneshot` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
