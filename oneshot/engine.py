@@ -11,15 +11,18 @@ The engine knows nothing of any method's maths: a method is a statistic class pl
 """
 from __future__ import annotations
 
+import hashlib
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .methods import Method, Pattern
+from .checkpoint import Checkpoint
+from .methods import Method, NumericsError, Pattern
 from .models import decoder_blocks, get_weight, prunable_layers, set_weight
 
 
@@ -114,12 +117,14 @@ def _forward(block: nn.Module, hidden: torch.Tensor, call, device) -> torch.Tens
     return out[0] if isinstance(out, tuple) else out  # older transformers return tuples
 
 
-def _gather_statistics(block: nn.Module, layers: dict, statistic: type, hidden: list, calls: list, device) -> dict:
+def _gather_statistics(block: nn.Module, layers: dict, statistic: type, hidden: list, calls: list, device,
+                       index: int = 0) -> dict:
     """Feed every layer's input to an accumulator; layers reading the same tensor share one."""
     stats: dict[str, object] = {}
     feeds: dict[str, bool] = {}
     seen: list[tuple[weakref.ref, object]] = []
     sequences = 0  # in the chunk being forwarded
+    finite: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def fn(_module, inputs):
@@ -134,6 +139,7 @@ def _gather_statistics(block: nn.Module, layers: dict, statistic: type, hidden: 
                     seen.append((weakref.ref(x), stats[name]))
             if feeds[name]:
                 stats[name].add(x, sequences)
+                finite[name] = finite.get(name, True) & torch.isfinite(x).all()  # no sync until the end
         return fn
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
@@ -144,7 +150,15 @@ def _gather_statistics(block: nn.Module, layers: dict, statistic: type, hidden: 
     finally:
         for handle in handles:
             handle.remove()
+    for name, ok in finite.items():
+        if not bool(ok):
+            raise NumericsError(f"block {index}, layer {name}: its input contains NaN or inf; check the model's "
+                                "weights and --dtype (float16 overflows for some bfloat16-trained models)")
     return stats
+
+
+class ResourceError(RuntimeError):
+    """Not enough device or host memory for the requested run; the message names the flag to change."""
 
 
 @torch.no_grad()
@@ -158,55 +172,102 @@ def prune_model(
     batch_size: int | None = None,
     options: dict | None = None,
     progress: bool = True,
+    checkpoint: Checkpoint | None = None,
+    on_block_done: Callable[[int], None] | None = None,
 ) -> PruneReport:
-    """Prune every decoder block's linear layers in place; the model stays on the CPU."""
+    """Prune every decoder block's linear layers in place; the model stays on the CPU.
+
+    With `checkpoint`, each finished block is saved and a run that finds a checkpoint of the same
+    configuration continues after its last finished block.
+    """
     device = torch.device(device)
     options = options or {}
     report = PruneReport()
     blocks = decoder_blocks(model)
     sparsity = pattern.sparsity if pattern.structured else sparsity
     start = time.perf_counter()
+    needs_data = method.statistic is not None
+    if needs_data and input_ids is None:
+        raise ValueError(f"{method.name} needs calibration data")
 
-    captured = None
-    if method.statistic is not None:
-        if input_ids is None:
-            raise ValueError(f"{method.name} needs calibration data")
+    first, captured, resumed_notes = 0, None, {}
+    if checkpoint is not None:
+        checkpoint.fingerprint.update(_fingerprint(method, sparsity, pattern, options, input_ids, len(blocks)))
+        if checkpoint.exists():
+            first, resumed_hidden, resumed_notes = checkpoint.restore(blocks, needs_data)
+    if needs_data and first < len(blocks):
         batch_size = batch_size or default_batch_size(model, input_ids.shape[1])
         offload = device.type == "cuda" and not _activations_fit(model, input_ids, device)
         captured = capture_block_inputs(model, input_ids, device, batch_size, offload)
+        if first:
+            captured.hidden = [_store(h.to(device), offload) for h in resumed_hidden]
+        _check_finite(captured.hidden, f"the inputs of block {first}")
         report.timings["capture_s"] = time.perf_counter() - start
 
-    bar = tqdm(blocks, desc=f"{method.name} {pattern if pattern.structured else sparsity}", unit="block",
-               disable=not progress, leave=False)
-    for index, block in enumerate(bar):
-        block.to(device)
-        layers = prunable_layers(block)
-        stats = {}
-        if captured is not None:
-            bar.set_postfix_str("statistics")
-            stats = _gather_statistics(block, layers, method.statistic, captured.hidden, captured.calls[index], device)
-        bar.set_postfix_str("pruning")
-        prepared = {}  # once per shared accumulator
-        for name, layer in layers.items():
-            stat = stats.get(name)
-            if stat is not None and id(stat) not in prepared:
-                value = stat.value()
-                prepared[id(stat)] = method.prepare(value, **options) if method.prepare else value
-            result = method.prune(get_weight(layer), prepared.get(id(stat)), sparsity, pattern, **options)
-            set_weight(layer, result.weight)
-            report.record(f"{index}.{name}", result.weight, result.info)
-        del stats, prepared
-        if captured is not None and index + 1 < len(blocks):
-            bar.set_postfix_str("forward")
-            offload = captured.hidden[0].device.type == "cpu" and device.type == "cuda"
-            captured.hidden = [_store(_forward(block, h, call, device), offload)
-                               for h, call in zip(captured.hidden, captured.calls[index])]
-        block.to("cpu")
+    bar = tqdm(range(len(blocks)), desc=f"{method.name} {pattern if pattern.structured else sparsity}",
+               unit="block", disable=not progress, leave=False, initial=first)
+    for index in range(first):  # finished before a resume: only measure them
+        for name, layer in prunable_layers(blocks[index]).items():
+            report.record(f"{index}.{name}", get_weight(layer), resumed_notes.get(f"{index}.{name}"))
+    for index in range(first, len(blocks)):
+        block, phase = blocks[index], "moving"
+        try:
+            block.to(device)
+            layers = prunable_layers(block)
+            stats = {}
+            if captured is not None:
+                phase = "statistics"
+                bar.set_postfix_str(phase)
+                stats = _gather_statistics(block, layers, method.statistic, captured.hidden, captured.calls[index],
+                                           device, index)
+            phase = "pruning"
+            bar.set_postfix_str(phase)
+            prepared = {}  # once per shared accumulator
+            for name, layer in layers.items():
+                stat = stats.get(name)
+                if stat is not None and id(stat) not in prepared:
+                    value = stat.value()
+                    prepared[id(stat)] = method.prepare(value, **options) if method.prepare else value
+                result = method.prune(get_weight(layer), prepared.get(id(stat)), sparsity, pattern, **options)
+                set_weight(layer, result.weight)
+                report.record(f"{index}.{name}", result.weight, result.info)
+            del stats, prepared
+            if captured is not None and index + 1 < len(blocks):
+                phase = "forward"
+                bar.set_postfix_str(phase)
+                offload = captured.hidden[0].device.type == "cpu" and device.type == "cuda"
+                captured.hidden = [_store(_forward(block, h, call, device), offload)
+                                   for h, call in zip(captured.hidden, captured.calls[index])]
+                _check_finite(captured.hidden, f"the outputs of block {index} after pruning")
+            block.to("cpu")
+        except torch.cuda.OutOfMemoryError:
+            block.to("cpu")
+            raise ResourceError(f"CUDA ran out of memory in block {index} ({phase}); lower --batch-size "
+                                f"(now {batch_size}) or --nsamples/--seqlen") from None
+        if checkpoint is not None:
+            last = index + 1 == len(blocks)
+            checkpoint.save(index, block, None if last or captured is None else captured.hidden,
+                            {k: v for k, v in report.layer_info.items()})
+        bar.update(1)
+        if on_block_done is not None:
+            on_block_done(index)
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     report.timings["prune_s"] = time.perf_counter() - start
     return report
+
+
+def _fingerprint(method, sparsity, pattern, options, input_ids, blocks) -> dict:
+    digest = None if input_ids is None else hashlib.sha256(input_ids.cpu().numpy().tobytes()).hexdigest()
+    return {"method": method.name, "sparsity": sparsity, "pattern": str(pattern), "options": options,
+            "calibration_sha256": digest, "blocks": blocks}
+
+
+def _check_finite(tensors: list[torch.Tensor], what: str) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NumericsError(f"{what} contain NaN or inf; check the model's weights and --dtype "
+                            "(float16 overflows for some bfloat16-trained models)")
 
 
 def measure_sparsity(model: nn.Module) -> PruneReport:
