@@ -12,6 +12,7 @@ model passes its blocks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -176,8 +177,31 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+_KEPT: dict[tuple, LoadedModel] = {}
+_KEEP = False
+
+
+def keep_loaded(enabled: bool = True) -> None:
+    """Within one process (a sweep), load each model once and hand out fresh copies of it."""
+    global _KEEP
+    _KEEP = enabled
+    if not enabled:
+        _KEPT.clear()
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
     """Load `spec` on the CPU in `dtype`, in eval mode with the KV cache off."""
+    key = (spec, dtype, seed)
+    if _KEEP and key in _KEPT:
+        kept = _KEPT[key]
+        return LoadedModel(copy.deepcopy(kept.model), kept.tokenizer, kept.name, kept.source)
+    loaded = _load_model(spec, dtype, seed)
+    if _KEEP:
+        _KEPT[key] = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
+    return loaded
+
+
+def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     kind = check_model_spec(spec)
     if kind == "random":
         model = build_random_model(spec[7:], dtype, seed)
