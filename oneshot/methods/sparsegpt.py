@@ -66,8 +66,13 @@ def sparsegpt_prune(
     pattern: Pattern,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    kernel: str = "auto",
 ) -> PruneResult:
-    """Prune and reconstruct one weight [outputs, inputs]; the new weight keeps its dtype."""
+    """Prune and reconstruct one weight [outputs, inputs]; the new weight keeps its dtype.
+
+    kernel: "torch" runs the column loop in PyTorch; "auto" uses the fused Triton block on CUDA when
+    it is available and has passed its first-use self-check, else the PyTorch loop.
+    """
     inverse = hessian if isinstance(hessian, InverseHessian) else prepare_hessian(hessian, percdamp)
     U = inverse.upper
     Wt = weight.detach().float().t().contiguous()  # [cols, rows]
@@ -77,35 +82,14 @@ def sparsegpt_prune(
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)  # N:M groups never straddle blocks
     Wt[inverse.dead] = 0
     mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)
+    obs_block = _fused_block() if kernel == "auto" and Wt.is_cuda else _obs_block_torch
 
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
-        W1 = Wt[b0:b1].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
         U1 = U[b0:b1, b0:b1]
-        d = torch.diag(U1).reshape(-1, 1)
-
-        if pattern.structured:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:
-            mask1 = threshold_mask(W1 ** 2 / d ** 2, sparsity)
-
-        for i in range(b1 - b0):
-            if pattern.structured and i % pattern.m == 0:
-                # Adaptive N:M: each group's mask comes from the weights as updated so far.
-                scores = W1[i:i + pattern.m] ** 2 / d[i:i + pattern.m] ** 2
-                lowest = torch.topk(scores, pattern.n, dim=0, largest=False).indices
-                mask1.scatter_(0, i + lowest, True)
-            w = W1[i]
-            q = w.masked_fill(mask1[i], 0)  # no boolean indexing: no host sync per column
-            err = (w - q) / d[i]
-            W1[i:].addr_(U1[i, i:], err, alpha=-1)
-            Q1[i] = q
-            Err1[i] = err
-
+        Q1, Err1, mask1 = obs_block(Wt[b0:b1].clone(), U1, torch.diag(U1), sparsity, pattern.n, pattern.m)
         Wt[b0:b1] = Q1
-        Wt[b1:] -= U[b0:b1, b1:].t() @ Err1
+        Wt[b1:] -= U[b0:b1, b1:].t() @ Err1  # the lazy batch update
         mask_t[b0:b1] = mask1
 
     info = {}
@@ -114,3 +98,54 @@ def sparsegpt_prune(
     if inverse.dead.any():
         info["dead_inputs"] = int(inverse.dead.sum())
     return PruneResult(Wt.t().to(weight.dtype), mask_t.t(), info)
+
+
+def _obs_block_torch(W1: torch.Tensor, U1: torch.Tensor, d: torch.Tensor, sparsity: float, n: int, m: int):
+    """The OBS column loop over one block W1 [width, rows]: returns (Q1, Err1, mask1)."""
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    d = d.reshape(-1, 1)
+    if m:
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+    else:
+        mask1 = threshold_mask(W1 ** 2 / d ** 2, sparsity)
+    for i in range(W1.shape[0]):
+        if m and i % m == 0:
+            # Adaptive N:M: each group's mask comes from the weights as updated so far.
+            scores = W1[i:i + m] ** 2 / d[i:i + m] ** 2
+            lowest = torch.topk(scores, n, dim=0, largest=False).indices
+            mask1.scatter_(0, i + lowest, True)
+        w = W1[i]
+        q = w.masked_fill(mask1[i], 0)  # no boolean indexing: no host sync per column
+        err = (w - q) / d[i]
+        W1[i:].addr_(U1[i, i:], err, alpha=-1)
+        Q1[i] = q
+        Err1[i] = err
+    return Q1, Err1, mask1
+
+
+_FUSED = None  # the fused block once it has passed its self-check, or the PyTorch loop
+
+
+def _fused_block():
+    """The Triton block if it imports, compiles and matches the PyTorch loop on a test block."""
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = _obs_block_torch
+        try:
+            from .sparsegpt_kernel import obs_block
+
+            generator = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(256, 64, device="cuda", generator=generator)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(
+                x.t() @ x / 256 + 0.01 * torch.eye(64, device="cuda"))), upper=True)
+            W1 = torch.randn(64, 96, device="cuda", generator=generator)
+            for n, m in ((0, 0), (2, 4)):
+                got = obs_block(W1.clone(), U, torch.diag(U), 0.5, n, m)
+                want = _obs_block_torch(W1.clone(), U, torch.diag(U), 0.5, n, m)
+                if not (torch.equal(got[2], want[2]) and torch.allclose(got[0], want[0], atol=1e-4)):
+                    raise RuntimeError("the fused block disagrees with the PyTorch loop")
+            _FUSED = obs_block
+        except Exception as exc:  # no Triton, no compiler, or a mismatch: the PyTorch loop is always right
+            warnings.warn(f"SparseGPT uses the PyTorch column loop: fused Triton block unavailable ({exc})")
+    return _FUSED
