@@ -15,6 +15,9 @@ def _as_rows(x: torch.Tensor, sequences: int | None) -> tuple[torch.Tensor, int]
     return x.reshape(-1, x.shape[-1]), sequences
 
 
+_HALF_GEMM = [True]  # whether this torch has half x half -> fp32 matmuls on CUDA
+
+
 class Hessian:
     """H = (2/N) * sum over sequences of X X^T (X: features x tokens), SparseGPT's layer Hessian."""
 
@@ -24,6 +27,15 @@ class Hessian:
 
     def add(self, x: torch.Tensor, sequences: int | None = None) -> None:
         rows, sequences = _as_rows(x, sequences)
+        if rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16) and _HALF_GEMM[0]:
+            # A product of two half values is exact in fp32: tensor cores with fp32 output lose only
+            # summation order (relative error ~1e-4), at about 10x the speed of an fp32 GEMM.
+            try:
+                self.sum += torch.mm(rows.t(), rows, out_dtype=torch.float32)
+                self.sequences += sequences
+                return
+            except (TypeError, RuntimeError):  # torch without mm(out_dtype=...)
+                _HALF_GEMM[0] = False
         rows = rows.float()
         self.sum.addmm_(rows.t(), rows)
         self.sequences += sequences
