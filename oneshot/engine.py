@@ -125,6 +125,8 @@ def _gather_statistics(block: nn.Module, layers: dict, statistic: type, hidden: 
     seen: list[tuple[weakref.ref, object]] = []
     sequences = 0  # in the chunk being forwarded
     finite: dict[str, torch.Tensor] = {}
+    order: list[str] = []  # hook calls during the first chunk
+    stop_after = None  # the last layer to run, once known: nothing after it feeds a statistic
 
     def hook(name):
         def fn(_module, inputs):
@@ -140,13 +142,22 @@ def _gather_statistics(block: nn.Module, layers: dict, statistic: type, hidden: 
             if feeds[name]:
                 stats[name].add(x, sequences)
                 finite[name] = finite.get(name, True) & torch.isfinite(x).all()  # no sync until the end
+            if stop_after is None:
+                order.append(name)
+            elif name == stop_after:
+                raise _Caught  # skip the rest of the block: its output is not needed here
         return fn
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
         for h, call in zip(hidden, calls):
             sequences = h.shape[0]
-            _forward(block, h, call, device)
+            try:
+                _forward(block, h, call, device)
+            except _Caught:
+                pass
+            if stop_after is None and sorted(order) == sorted(layers):  # each layer ran exactly once
+                stop_after = order[-1]
     finally:
         for handle in handles:
             handle.remove()
