@@ -1,4 +1,4 @@
-"""Command line: `oneshot prune`.
+"""Command line: `oneshot prune` and `oneshot eval`.
 
 Every argument is checked before any work starts; a bad one ends the run with one line on stderr,
 exit status 2, and nothing written. Outputs are written only when the run has finished, each to a
@@ -23,6 +23,10 @@ from . import __version__
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2."""
+
+
+class RunError(Exception):
+    """A run that started but cannot finish (memory, numerics, a foreign checkpoint): one line, exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,8 +54,43 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: float32 on CPU)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per block forward (default: about 16k tokens per batch)")
+    _add_zeroshot_arguments(p)
     p.add_argument("--output", default=None, help="directory for result.json")
     p.add_argument("--save-model", default=None, help="directory for the pruned model (safetensors) and its card")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of existing output directories")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="save each finished block here, so that a killed run can continue with --resume")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+
+
+def _add_zeroshot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-tasks", default="none",
+                   help="zero-shot accuracy through lm-eval on the model in memory: a suite (offline | wanda | "
+                        "sparsegpt) or comma-separated lm-eval task names; 'none' to skip")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate at most this many documents per zero-shot task (default: all)")
+    p.add_argument("--eval-batch-size", default=None,
+                   help="lm-eval batch size: a whole number or auto (default: 8 on CPU, 32 on CUDA)")
+    p.add_argument("--offline", action="store_true",
+                   help="never contact the Hugging Face Hub (also automatic when it is unreachable)")
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None,
+                       help="as for prune (default smollm2-135m): alias, random:<preset>, .gguf, directory or Hub id")
+    which.add_argument("--pruned", default=None, help="a directory written by `oneshot prune --save-model`")
+    p.add_argument("--eval-ppl", default="wiki-offline",
+                   help="comma-separated perplexity sources (as for prune); 'none' to skip")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="evaluate at most this many windows per source (default: all)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per perplexity window (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random models")
+    _add_zeroshot_arguments(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: float32 on CPU)")
+    p.add_argument("--output", default=None, help="directory for result.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -60,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oneshot {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_prune_arguments(commands.add_parser("prune", help="prune a model and measure it"))
+    from . import report, sweep
+
+    sweep.add_parser(commands)
+    report.add_parser(commands)
+    _add_eval_arguments(commands.add_parser("eval", help="measure a dense or saved pruned model (perplexity, "
+                                                         "zero-shot accuracy)"))
     return parser
 
 
@@ -68,11 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("give a command: oneshot prune ... (see `oneshot --help`)")
-        return run_prune(args, argv)
+            raise UsageError("give a command: oneshot prune ... or oneshot eval ... (see `oneshot --help`)")
+        if args.command in ("sweep", "report"):
+            return args.handler(args)
+        if args.offline:  # before anything can import datasets or probe the Hub
+            from .evaluate.zeroshot import configure_offline
+
+            configure_offline(force=True)
+        return run_eval(args, argv) if args.command == "eval" else run_prune(args, argv)
     except UsageError as exc:
         print(f"oneshot: error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"oneshot: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("oneshot: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -82,11 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_prune_args(args):
     """Everything that can be checked without loading the model; returns the resolved settings."""
-    import torch
-
     from calibration import SourceError, check_source
     from .methods import METHODS, PatternError, check_sparsity, parse_pattern
-    from .models import ModelError, check_model_spec
 
     if args.method != "dense" and args.method not in METHODS:
         raise UsageError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)} or dense")
@@ -101,10 +152,40 @@ def _check_prune_args(args):
             sparsity = check_sparsity(0.5 if args.sparsity is None else args.sparsity)
     except PatternError as exc:
         raise UsageError(str(exc)) from None
-    for flag, value in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size),
-                        ("--eval-samples", args.eval_samples)):
+    _check_counts(("--nsamples", args.nsamples), ("--batch-size", args.batch_size))
+    try:
+        if args.method not in ("dense", "magnitude"):
+            check_source(args.calibration, "calibration")
+    except SourceError as exc:
+        raise UsageError(str(exc)) from None
+    if args.output and args.save_model and Path(args.output).resolve() == Path(args.save_model).resolve():
+        raise UsageError("--output and --save-model must be different directories")
+    if args.resume and not args.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir (the directory of the run to continue)")
+    if args.checkpoint_dir:
+        state = Path(args.checkpoint_dir) / "state.json"
+        if state.exists() and not args.resume:
+            raise UsageError(f"--checkpoint-dir {args.checkpoint_dir} holds a checkpoint; pass --resume to "
+                             "continue it, or choose another directory")
+        if args.resume and not state.exists():
+            raise UsageError(f"--resume: {args.checkpoint_dir} holds no checkpoint (no state.json)")
+    settings = _check_model_and_evaluation(args, ("--output", args.output), ("--save-model", args.save_model))
+    return dict(settings, pattern=pattern, sparsity=sparsity)
+
+
+def _check_counts(*flags) -> None:
+    for flag, value in flags:
         if value is not None and value < (2 if flag == "--seqlen" else 1):
             raise UsageError(f"{flag} must be a positive whole number (got {value})")
+
+
+def _check_model_and_evaluation(args, *directories) -> dict:
+    """The checks prune and eval share: model, device, dtype, evaluation sources and tasks, outputs.
+    Returns device, dtype, model_kind, eval_sources and zeroshot (prepared tasks or None)."""
+    from calibration import SourceError, check_source
+    from .models import ModelError, check_model_spec
+
+    _check_counts(("--seqlen", args.seqlen), ("--eval-samples", args.eval_samples))
     device = _resolve_device(args.device)
     if args.dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise UsageError(f"unknown dtype {args.dtype!r}; choose auto, float32, float16 or bfloat16")
@@ -114,20 +195,40 @@ def _check_prune_args(args):
         raise UsageError(str(exc)) from None
     eval_sources = [] if args.eval_ppl.strip().lower() in ("", "none") else [s.strip() for s in args.eval_ppl.split(",")]
     try:
-        if args.method not in ("dense", "magnitude"):
-            check_source(args.calibration, "calibration")
         for source in eval_sources:
             check_source(source, "evaluation")
     except SourceError as exc:
         raise UsageError(str(exc)) from None
-    for flag, directory in (("--output", args.output), ("--save-model", args.save_model)):
-        if directory and Path(directory).exists() and any(Path(directory).iterdir()):
-            raise UsageError(f"{flag} {directory} already exists and is not empty; choose a new directory")
-    if args.output and args.save_model and Path(args.output).resolve() == Path(args.save_model).resolve():
-        raise UsageError("--output and --save-model must be different directories")
+    for flag, directory in directories:
+        if directory and Path(directory).exists() and not Path(directory).is_dir():
+            raise UsageError(f"{flag} {directory} is a file, not a directory")
+        if (directory and not getattr(args, "overwrite", False) and Path(directory).exists()
+                and any(Path(directory).iterdir())):
+            raise UsageError(f"{flag} {directory} already exists and is not empty; choose a new directory "
+                             "or pass --overwrite")
     dtype = _resolve_dtype(args.dtype, device, args.model, model_kind)
-    return dict(pattern=pattern, sparsity=sparsity, device=device, dtype=dtype, eval_sources=eval_sources,
-                model_kind=model_kind)
+    zeroshot = _check_zeroshot_args(args, model_kind)  # last: it may take seconds
+    return dict(device=device, dtype=dtype, eval_sources=eval_sources, model_kind=model_kind, zeroshot=zeroshot)
+
+
+def _check_zeroshot_args(args, model_kind: str):
+    """Check --eval-tasks/--eval-limit/--eval-batch-size and load the tasks' data (None if no tasks).
+    Runs last among the checks: it may take seconds (lm-eval's task index, the data)."""
+    from .evaluate.zeroshot import ZeroShotError, parse_task_spec, prepare_tasks
+
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise UsageError(f"--eval-limit must be a positive whole number (got {args.eval_limit})")
+    batch = args.eval_batch_size
+    if batch is not None and batch != "auto" and not (batch.isdigit() and int(batch) > 0):
+        raise UsageError(f"--eval-batch-size must be a positive whole number or auto (got {batch})")
+    try:
+        if not parse_task_spec(args.eval_tasks):
+            return None
+        if model_kind == "random":
+            raise UsageError("--eval-tasks needs a model with a real tokenizer; random:<preset> models read bytes")
+        return prepare_tasks(args.eval_tasks)
+    except ZeroShotError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _resolve_device(name: str) -> str:
@@ -170,9 +271,10 @@ def run_prune(args, argv) -> int:
     settings = _check_prune_args(args)
     import torch
 
-    from calibration import SourceError, calibration_windows, evaluation_windows
-    from .engine import measure_sparsity, prune_model
-    from .evaluate.perplexity import perplexity
+    from calibration import SourceError, calibration_windows
+    from .checkpoint import Checkpoint, CheckpointError
+    from .engine import ResourceError, check_memory, measure_sparsity, prune_model
+    from .evaluate.zeroshot import ZeroShotError
     from .methods import NumericsError, PatternError, get_method
     from .models import ModelError, load_model
 
@@ -204,25 +306,23 @@ def run_prune(args, argv) -> int:
             report = measure_sparsity(model)
             timings["prune_s"] = 0.0
         else:
+            if calibration:
+                check_memory(model, int(ids.shape[0]), int(ids.shape[1]), device, args.batch_size)
+            checkpoint = None
+            if args.checkpoint_dir:
+                checkpoint = Checkpoint(args.checkpoint_dir, {"model": args.model, "dtype": str(dtype), "seed": args.seed})
             report = prune_model(model, method, settings["sparsity"], pattern,
                                  ids if calibration else None, device=device, batch_size=args.batch_size,
-                                 progress=progress)
+                                 progress=progress, checkpoint=checkpoint)
             timings["prune_s"] = report.timings["prune_s"]
 
-        ppl, windows = {}, {}
-        start = time.perf_counter()
-        if settings["eval_sources"]:
-            model.to(device)
-            for source in settings["eval_sources"]:
-                eval_ids = evaluation_windows(source, tokenizer, seqlen, args.eval_samples)
-                _check_token_range(eval_ids, model, source)
-                windows[source] = list(eval_ids.shape)
-                ppl[source] = perplexity(model, eval_ids, device, batch_size=1, progress=progress)
-                _log(f"perplexity {source}: {ppl[source]:.3f} ({eval_ids.shape[0]} windows x {eval_ids.shape[1]})")
-            model.to("cpu")
-        timings["eval_s"] = time.perf_counter() - start
-    except (SourceError, ModelError, PatternError, NumericsError) as exc:
+        ppl, windows, zeroshot = _evaluate(loaded, args, settings, seqlen, timings)
+    except (SourceError, ModelError, PatternError, ZeroShotError) as exc:
         raise UsageError(str(exc)) from None
+    except (NumericsError, ResourceError, CheckpointError) as exc:
+        raise RunError(str(exc)) from None
+    except torch.cuda.OutOfMemoryError:
+        raise RunError("CUDA ran out of memory; lower --batch-size, --nsamples or --seqlen, or use --device cpu") from None
 
     result = {
         "model": args.model,
@@ -236,6 +336,7 @@ def run_prune(args, argv) -> int:
         "method_notes": report.layer_info,
         "ppl": ppl,
         "eval": {"windows": windows, "max_windows": args.eval_samples},
+        "zeroshot": zeroshot,
         "calibration": calibration,
         "seed": args.seed,
         "timings": timings,
@@ -257,6 +358,119 @@ def run_prune(args, argv) -> int:
     return 0
 
 
+def _evaluate(loaded, args, settings, seqlen, timings) -> tuple[dict, dict, dict | None]:
+    """Perplexity on each --eval-ppl source, then zero-shot tasks, on the model in memory.
+    Returns (ppl, windows, zeroshot record or None); adds eval_s and zeroshot_s to timings."""
+    from calibration import evaluation_windows
+    from .evaluate.perplexity import perplexity
+    from .evaluate.zeroshot import default_batch_size, evaluate_zeroshot
+
+    model, tokenizer, device, progress = loaded.model, loaded.tokenizer, settings["device"], not args.quiet
+    ppl, windows = {}, {}
+    start = time.perf_counter()
+    if settings["eval_sources"]:
+        model.to(device)
+        for source in settings["eval_sources"]:
+            eval_ids = evaluation_windows(source, tokenizer, seqlen, args.eval_samples)
+            _check_token_range(eval_ids, model, source)
+            windows[source] = list(eval_ids.shape)
+            ppl[source] = perplexity(model, eval_ids, device, batch_size=1, progress=progress)
+            _log(f"perplexity {source}: {ppl[source]:.3f} ({eval_ids.shape[0]} windows x {eval_ids.shape[1]})")
+        model.to("cpu")
+    timings["eval_s"] = time.perf_counter() - start
+    zeroshot = None
+    if settings["zeroshot"] is not None:
+        start = time.perf_counter()
+        batch = args.eval_batch_size
+        batch = default_batch_size(device) if batch is None else (batch if batch == "auto" else int(batch))
+        _log(f"zero-shot: {', '.join(settings['zeroshot'].names)} (lm-eval, batch size {batch}"
+             + (f", at most {args.eval_limit} documents each)" if args.eval_limit else ")"))
+        try:
+            zeroshot = evaluate_zeroshot(model, tokenizer, settings["zeroshot"], device=device, batch_size=batch,
+                                         limit=args.eval_limit, progress=progress)
+        finally:
+            model.to("cpu")
+        timings["zeroshot_s"] = time.perf_counter() - start
+    return ppl, windows, zeroshot
+
+
+# ---- eval ------------------------------------------------------------------------------------
+
+def _check_eval_args(args):
+    """`oneshot eval`: everything that can be checked before loading the model."""
+    from .evaluate.zeroshot import parse_task_spec
+
+    if args.pruned is not None:
+        if not (Path(args.pruned) / "config.json").is_file():
+            raise UsageError(f"--pruned {args.pruned} is not a model directory written by --save-model "
+                             "(no config.json)")
+        args.model = args.pruned
+    elif args.model is None:
+        args.model = "smollm2-135m"
+    try:
+        nothing = args.eval_ppl.strip().lower() in ("", "none") and not parse_task_spec(args.eval_tasks)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if nothing:
+        raise UsageError("nothing to evaluate: give --eval-ppl SOURCE and/or --eval-tasks SUITE|TASKS")
+    return _check_model_and_evaluation(args, ("--output", args.output))
+
+
+def run_eval(args, argv) -> int:
+    """Measure a model as it is: perplexity and/or zero-shot accuracy, nothing pruned or saved."""
+    settings = _check_eval_args(args)
+    from calibration import SourceError
+    from .engine import measure_sparsity
+    from .evaluate.zeroshot import ZeroShotError
+    from .models import ModelError, load_model
+
+    device, dtype = settings["device"], settings["dtype"]
+    timings = {}
+    try:
+        _log(f"loading {args.model} ({str(dtype).replace('torch.', '')})")
+        start = time.perf_counter()
+        loaded = load_model(args.model, dtype=dtype, seed=args.seed)
+        timings["load_s"] = time.perf_counter() - start
+        seqlen = args.seqlen
+        if any(not source.startswith("tokens:") for source in settings["eval_sources"]):
+            _check_seqlen(loaded.model, seqlen or 2048)
+        report = measure_sparsity(loaded.model)
+        ppl, windows, zeroshot = _evaluate(loaded, args, settings, seqlen, timings)
+    except (SourceError, ModelError, ZeroShotError) as exc:
+        raise UsageError(str(exc)) from None
+
+    lineage = None
+    if args.pruned is not None and (Path(args.pruned) / "oneshot.json").is_file():
+        lineage = json.loads((Path(args.pruned) / "oneshot.json").read_text())
+    result = {
+        "model": args.model,
+        "model_source": loaded.source,
+        "family": getattr(loaded.model.config, "model_type", type(loaded.model).__name__),
+        "method": (lineage or {}).get("method", "dense" if args.pruned is None else "unknown"),
+        "pattern": (lineage or {}).get("pattern", "unstructured" if args.pruned is None else "unknown"),
+        "sparsity_measured": report.sparsity,
+        "sparsity_per_layer": report.layer_sparsity,
+        "ppl": ppl,
+        "eval": {"windows": windows, "max_windows": args.eval_samples},
+        "zeroshot": zeroshot,
+        "lineage": lineage,
+        "seed": args.seed,
+        "timings": timings,
+        "peak_memory_gib": _peak_memory_gib(device),
+        "peak_memory_kind": "cuda max allocated" if device.startswith("cuda") else "host max RSS",
+        "device": _device_name(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": versions(),
+        "command": ["oneshot", *argv],
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _print_table(result)
+    if args.output:
+        write_json_atomic(Path(args.output) / "result.json", result)
+        _log(f"wrote {Path(args.output) / 'result.json'}")
+    return 0
+
+
 def _check_against_model(model, args, pattern) -> int:
     """Checks that need the model (layer widths, positions); returns the seqlen to use."""
     from .engine import check_pattern
@@ -265,10 +479,14 @@ def _check_against_model(model, args, pattern) -> int:
     seqlen = args.seqlen
     if seqlen is None and not args.calibration.startswith("tokens:"):
         seqlen = 2048
+    _check_seqlen(model, seqlen)
+    return seqlen
+
+
+def _check_seqlen(model, seqlen) -> None:
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if seqlen and limit and seqlen > limit:
         raise UsageError(f"--seqlen {seqlen} exceeds the model's {limit} positions; pass --seqlen {limit} or less")
-    return seqlen
 
 
 def _check_token_range(ids, model, source) -> None:
@@ -308,23 +526,40 @@ def versions() -> dict:
 
 def _print_table(result: dict) -> None:
     sources = list(result["ppl"])
-    header = ["method", "pattern", "sparsity"] + [f"ppl {s}" for s in sources] + ["prune s"]
+    zeroshot = result.get("zeroshot")
+    header = ["method", "pattern", "sparsity"] + [f"ppl {s}" for s in sources]
     row = [result["method"], result["pattern"], f"{result['sparsity_measured']:.4f}"]
-    row += [f"{result['ppl'][s]:.3f}" for s in sources] + [f"{result['timings']['prune_s']:.1f}"]
+    row += [f"{result['ppl'][s]:.3f}" for s in sources]
+    if zeroshot is not None:
+        header.append("mean acc")
+        row.append("-" if zeroshot["mean_acc"] is None else f"{zeroshot['mean_acc']:.4f}")
+    if "prune_s" in result["timings"]:
+        header.append("prune s")
+        row.append(f"{result['timings']['prune_s']:.1f}")
     widths = [max(len(h), len(c)) for h, c in zip(header, row)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    if zeroshot is not None:
+        from .evaluate.zeroshot import format_table
+
+        print()
+        print("\n".join(format_table(zeroshot)))
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary name, then rename: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_model(loaded, result: dict, directory: str) -> None:
@@ -337,11 +572,17 @@ def save_model(loaded, result: dict, directory: str) -> None:
         loaded.tokenizer.save_pretrained(tmp)
         lineage = {key: result[key] for key in ("model", "model_source", "method", "pattern", "sparsity_target",
                                                  "sparsity_measured", "calibration", "seed", "ppl", "versions")}
+        if result.get("zeroshot"):
+            lineage["zeroshot"] = {key: result["zeroshot"][key] for key in ("suite", "limit", "mean_acc", "tasks")}
         (tmp / "oneshot.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (tmp / "README.md").write_text(_card(lineage))
-        if final.exists():
-            final.rmdir()  # empty: checked before the run
+        old = None
+        if final.exists():  # empty, or --overwrite: swap, so a model is in place at every moment
+            old = final.with_name(f".{final.name}.old")
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -361,6 +602,10 @@ def _card(lineage: dict) -> str:
         f"{calibration.get('seqlen', 0)} tokens, seed {lineage['seed']}",
     ]
     lines += [f"- perplexity on {source}: {value:.3f}" for source, value in lineage["ppl"].items()]
+    if lineage.get("zeroshot") and lineage["zeroshot"]["mean_acc"] is not None:
+        zeroshot = lineage["zeroshot"]
+        limit = f", at most {zeroshot['limit']} documents per task" if zeroshot["limit"] else ""
+        lines.append(f"- zero-shot mean accuracy ({zeroshot['suite']}{limit}): {zeroshot['mean_acc']:.4f}")
     lines += [f"- versions: " + ", ".join(f"{k} {v}" for k, v in lineage["versions"].items()), ""]
     return "\n".join(lines)
 

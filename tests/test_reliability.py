@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +115,130 @@ def test_indefinite_hessian_escalates_damping_and_is_recorded(monkeypatch):
         report = prune_model(model, get_method("sparsegpt"), 0.5, parse_pattern("unstructured"), ids, progress=False)
     assert report.layer_info and all(note["percdamp"] > 0.01 for note in report.layer_info.values())
     assert report.sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+from oneshot.cli import main  # noqa: E402
+
+TINY = ["--model", "random:tiny-llama", "--nsamples", "4", "--seqlen", "64", "--eval-samples", "2", "--quiet"]
+
+
+def _cli(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_checkpoint_resume_gives_the_same_result(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    args = ["prune", *TINY, "--method", "sparsegpt", "--checkpoint-dir", str(ckpt)]
+    assert _cli([*args, "--output", str(tmp_path / "a")], capsys)[0] == 0
+    code, _, err = _cli([*args, "--output", str(tmp_path / "b")], capsys)
+    assert code == 2 and "pass --resume" in err
+    assert _cli([*args, "--resume", "--output", str(tmp_path / "b")], capsys)[0] == 0
+    first = json.loads((tmp_path / "a" / "result.json").read_text())
+    again = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert first["sparsity_per_layer"] == again["sparsity_per_layer"] and first["ppl"] == again["ppl"]
+    code, _, err = _cli(["prune", *TINY, "--method", "wanda", "--checkpoint-dir", str(ckpt), "--resume"], capsys)
+    assert code == 1 and "belongs to another run" in err  # a different method's checkpoint
+
+
+def test_failed_save_leaves_no_partial_model(tmp_path, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def broken_save(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
+    with pytest.raises(OSError):
+        main(["prune", *TINY, "--method", "magnitude", "--save-model", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from oneshot import cli
+
+    target = tmp_path / "result.json"
+    target.write_text('{"old": true}')
+
+    def broken_dump(data, handle, **kwargs):
+        handle.write('{"new": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.json, "dump", broken_dump)
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_json_atomic(target, {"new": True})
+    assert json.loads(target.read_text()) == {"old": True} and list(tmp_path.iterdir()) == [target]
+
+
+def test_overwrite_replaces_an_existing_output(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "result.json").write_text("{}")
+    code, _, _ = _cli(["prune", *TINY, "--method", "magnitude", "--output", str(tmp_path / "o"), "--overwrite"], capsys)
+    assert code == 0 and json.loads((tmp_path / "o" / "result.json").read_text())["method"] == "magnitude"
+
+
+def _files(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "result.json").write_text("{}")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "state.json").write_text("{}")
+    torch.save(torch.randint(0, 100, (2, 3, 4)), tmp_path / "cube.pt")
+    torch.save(torch.randint(0, 100, (2, 16)), tmp_path / "short.pt")
+    np.save(tmp_path / "neg.npy", -np.ones((2, 16), dtype=np.int64))
+    (tmp_path / "bad.yaml").write_text("models: [random:tiny-llama]\nmethods: [wanda]\nsparsities: [0.5]\ncolour: red\n")
+    (tmp_path / "notes.csv").write_text("a,b\n")
+
+
+BAD_INVOCATIONS = [
+    (["prune", "--sparsity", "1"], "outside [0, 1)"),
+    (["prune", "--sparsity", "nan"], "outside [0, 1)"),
+    (["prune", "--pattern", "2:2"], "0 < N < M"),
+    (["prune", "--pattern", "two:four"], "N:M"),
+    (["prune", "--pattern", "3:7"], "multiple of 7"),
+    (["prune", "--method", "random"], "unknown method"),
+    (["prune", "--model", "random:nope"], "unknown preset"),
+    (["prune", "--model", "{tmp}/a_file"], "not a model directory"),
+    (["prune", "--model", "{tmp}/missing.gguf"], "does not exist"),
+    (["prune", "--calibration", "tokens:{tmp}/cube.pt"], "2-D"),
+    (["prune", "--calibration", "tokens:{tmp}/short.pt", "--seqlen", "64"], "--seqlen"),
+    (["prune", "--calibration", "tokens:{tmp}/neg.npy"], "negative"),
+    (["prune", "--calibration", "file:{tmp}/notes.csv"], ".csv"),
+    (["prune", "--calibration", "ptb"], "wiki-offline"),
+    (["prune", "--eval-ppl", "c4"], "wiki-offline"),
+    (["prune", "--eval-samples", "0"], "--eval-samples"),
+    (["prune", "--batch-size", "-2"], "--batch-size"),
+    (["prune", "--seqlen", "1"], "--seqlen"),
+    (["prune", "--device", "cuda:7"], "cuda"),
+    (["prune", "--output", "{tmp}/full"], "already exists"),
+    (["prune", "--output", "{tmp}/a_file"], "not a directory"),
+    (["prune", "--output", "{tmp}/o", "--save-model", "{tmp}/o"], "different directories"),
+    (["prune", "--resume"], "--checkpoint-dir"),
+    (["prune", "--checkpoint-dir", "{tmp}/ckpt"], "pass --resume"),
+    (["prune", "--checkpoint-dir", "{tmp}/empty", "--resume"], "no checkpoint"),
+    (["prune", "--model", "smollm2-135m", "--eval-tasks", "no_such_task"], "no_such_task"),
+    (["eval", "--pruned", "{tmp}/missing"], "missing"),
+    (["sweep", "{tmp}/bad.yaml"], "colour"),
+    (["sweep", "{tmp}/missing.yaml"], "missing.yaml"),
+    (["report", "{tmp}/missing.jsonl"], "missing.jsonl"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", BAD_INVOCATIONS, ids=[" ".join(a) for a, _ in BAD_INVOCATIONS])
+def test_bad_invocation_is_one_line_and_writes_nothing(argv, fragment, tmp_path, capsys):
+    _files(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "prune":
+        argv = [argv[0], *TINY[:6], *argv[1:]] if "--model" not in argv else argv
+    code, stdout, stderr = _cli(argv, capsys)
+    assert code == 2, stderr
+    errors = [line for line in stderr.strip().splitlines() if line.startswith("oneshot: error:")]
+    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written

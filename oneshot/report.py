@@ -1,0 +1,388 @@
+"""`oneshot report RESULTS.jsonl [--paper CONFIG.yaml] [--out DIR]`: tables and a plot of a sweep.
+
+Rows are model / method / pattern, columns are sparsity levels (the dense baseline is the one row at
+sparsity 0, once per model; N:M rows sit in the N/M column). One table per perplexity source, and one
+for the zero-shot mean accuracy when the records have it. Written next to the results (or to --out):
+
+- `<stem>.md`: the markdown tables (also printed to stdout),
+- `<stem>.csv`: the same cells, one row per model/method/pattern/metric,
+- `<stem>.png`: perplexity vs sparsity per method and pattern, log y, dense as a horizontal line,
+- `<stem>.paper.csv`: with paper numbers, paper | ours | difference per cell.
+
+Paper numbers come from a sweep config's `paper` block: pass the config itself instead of the
+results file (`oneshot report experiments/x.yaml` reads its results and its paper block), or
+`--paper CONFIG.yaml`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt")
+DENSE_PATTERN = "-"
+ZEROSHOT = "zero-shot mean acc"
+
+
+def _usage(message: str) -> Exception:
+    from .cli import UsageError
+
+    return UsageError(message)
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+def load_records(path: Path) -> tuple[list[dict], int]:
+    """Records of a results JSONL, the last one per run_key; and the number of unreadable lines."""
+    from .sweep import read_results
+
+    if not path.is_file():
+        raise _usage(f"results {path}: no such file")
+    records, bad = read_results(path)
+    latest = {}
+    for i, record in enumerate(records):
+        latest[record.get("run_key") or f"line-{i}"] = record
+    return list(latest.values()), bad
+
+
+def _row_key(record: dict) -> tuple:
+    method = str(record.get("method"))
+    pattern = DENSE_PATTERN if method == "dense" else str(record.get("pattern", "unstructured"))
+    return str(record.get("model")), method, pattern
+
+
+def _sort_rows(rows):
+    def key(row):
+        model, method, pattern = row
+        m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        if pattern in (DENSE_PATTERN, "unstructured"):
+            p = (0, 0, 0)
+        else:
+            n, mm = (int(x) for x in pattern.split(":"))
+            p = (1, mm, n)
+        return (m, method, p)
+
+    models = list(dict.fromkeys(row[0] for row in rows))
+    return sorted(rows, key=lambda row: (models.index(row[0]), key(row)))
+
+
+@dataclass
+class Grid:
+    """Cells per metric: metric -> {(model, method, pattern): {sparsity: value}}."""
+
+    metrics: dict = field(default_factory=dict)
+    windows: dict = field(default_factory=dict)  # ppl source -> set of (n, seqlen)
+    collisions: int = 0
+
+    def put(self, metric, row, sparsity, value):
+        cells = self.metrics.setdefault(metric, {}).setdefault(row, {})
+        if sparsity in cells:
+            self.collisions += 1
+        cells[sparsity] = value
+
+    def get(self, metric, row, sparsity):
+        return self.metrics.get(metric, {}).get(row, {}).get(sparsity)
+
+    def rows(self, metric):
+        return _sort_rows(list(self.metrics.get(metric, {})))
+
+    def columns(self, metric=None):
+        metrics = [metric] if metric else list(self.metrics)
+        found = {s for m in metrics for cells in self.metrics.get(m, {}).values() for s in cells}
+        return sorted(found)
+
+
+def build_grid(records: list[dict]) -> Grid:
+    grid = Grid()
+    for record in records:
+        row = _row_key(record)
+        sparsity = round(float(record.get("sparsity_target") or 0.0), 6)
+        for source, value in (record.get("ppl") or {}).items():
+            grid.put(("ppl", source), row, sparsity, _float(value))
+            shape = ((record.get("eval") or {}).get("windows") or {}).get(source)
+            if shape:
+                grid.windows.setdefault(source, set()).add(tuple(shape))
+        zeroshot = record.get("zeroshot")
+        if isinstance(zeroshot, dict) and zeroshot.get("mean_acc") is not None:
+            grid.put(("zeroshot", None), row, sparsity, _float(zeroshot["mean_acc"]))
+    return grid
+
+
+def _float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# ---- formatting ----------------------------------------------------------------------------------
+
+def fmt(value, accuracy: bool = False) -> str:
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf"
+    if accuracy:
+        return f"{value:.4f}"
+    if abs(value) >= 1e4:
+        return f"{value:.3g}"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def fmt_sparsity(sparsity: float) -> str:
+    return f"{sparsity:g}"
+
+
+def _difference(ours, paper) -> str:
+    if ours is None or paper is None or not math.isfinite(ours):
+        return ""
+    diff = ours - paper
+    relative = f" ({diff / paper * 100:+.1f}%)" if paper else ""
+    return f"{diff:+.2f}{relative}"
+
+
+def _metric_title(metric, grid: Grid) -> str:
+    kind, source = metric
+    if kind == "zeroshot":
+        return "Zero-shot mean accuracy (higher is better)"
+    shapes = sorted(grid.windows.get(source, ()))
+    if len(shapes) == 1:
+        detail = f"; {shapes[0][0]} windows x {shapes[0][1]} tokens"
+    elif shapes:
+        detail = "; window counts differ between runs"
+    else:
+        detail = ""
+    return f"Perplexity on {source} (lower is better{detail})"
+
+
+def _markdown_table(header, rows, right_from: int) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < right_from else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
+
+
+def metric_order(grid: Grid) -> list:
+    ppl = [m for m in grid.metrics if m[0] == "ppl"]
+    return ppl + [m for m in grid.metrics if m[0] == "zeroshot"]
+
+
+def render_markdown(grid: Grid, title: str, comparison=None) -> str:
+    lines = [f"## {title}", ""]
+    if not grid.metrics:
+        lines += ["No measurements in the records.", ""]
+    for metric in metric_order(grid):
+        columns = grid.columns(metric)
+        header = ["model", "method", "pattern"] + [fmt_sparsity(s) for s in columns]
+        rows = [[*row, *(fmt(grid.get(metric, row, s), metric[0] == "zeroshot") for s in columns)]
+                for row in grid.rows(metric)]
+        lines += [f"### {_metric_title(metric, grid)}", "", *_markdown_table(header, rows, 3), ""]
+    if grid.collisions:
+        lines += [f"Note: {grid.collisions} cell(s) were measured more than once with different settings; "
+                  "the latest is shown. Keep one configuration per results file to avoid this.", ""]
+    if comparison is not None:
+        paper, cells = comparison
+        lines += [f"### Paper vs ours: {paper['table']}", "",
+                  f"Paper numbers: {paper['source']}. Ours: perplexity on {paper['eval']}; "
+                  "difference = ours - paper (blank where we have no run yet).", ""]
+        if paper.get("notes"):
+            lines += [str(paper["notes"]).strip(), ""]
+        header = ["model", "method", "pattern", "sparsity", "paper", "ours", "ours - paper"]
+        rows = [[model, method, pattern, fmt_sparsity(sparsity), fmt(paper_value), fmt(ours),
+                 _difference(ours, paper_value)]
+                for model, method, pattern, sparsity, paper_value, ours in cells]
+        lines += _markdown_table(header, rows, 3) + [""]
+    return "\n".join(lines)
+
+
+def compare_with_paper(grid: Grid, paper: dict) -> list[tuple]:
+    """(model, method, pattern, sparsity, paper, ours) for every paper number."""
+    metric = ("ppl", paper["eval"])
+    cells = []
+    for model, method, pattern, sparsity, value in paper["cells"]:
+        row = (model, method, DENSE_PATTERN if method == "dense" else pattern)
+        cells.append((model, method, row[2], sparsity, value, grid.get(metric, row, round(sparsity, 6))))
+    return cells
+
+
+def write_csv(grid: Grid, path: Path) -> None:
+    columns = grid.columns()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "method", "pattern", "metric", *(fmt_sparsity(s) for s in columns)])
+    for metric in metric_order(grid):
+        name = f"ppl:{metric[1]}" if metric[0] == "ppl" else "zeroshot_mean_acc"
+        for row in grid.rows(metric):
+            values = [grid.get(metric, row, s) for s in columns]
+            writer.writerow([*row, name, *("" if v is None else repr(v) for v in values)])
+    _write_atomic(path, buffer.getvalue().encode())
+
+
+def write_paper_csv(cells, paper: dict, path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "method", "pattern", "sparsity", "eval", "paper", "ours", "difference"])
+    for model, method, pattern, sparsity, paper_value, ours in cells:
+        diff = "" if ours is None or not math.isfinite(ours) else repr(ours - paper_value)
+        writer.writerow([model, method, pattern, fmt_sparsity(sparsity), paper["eval"], repr(paper_value),
+                         "" if ours is None else repr(ours), diff])
+    _write_atomic(path, buffer.getvalue().encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- plot ----------------------------------------------------------------------------------------
+
+def plot(grid: Grid, path: Path, paper: dict | None = None) -> bool | None:
+    """PNG of ppl vs sparsity: one panel per model and ppl source. False if there is no perplexity
+    to plot, None if matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
+    except ImportError:
+        return None
+    sources = [m for m in metric_order(grid) if m[0] == "ppl"]
+    models = list(dict.fromkeys(row[0] for m in sources for row in grid.rows(m)))
+    if not sources or not models:
+        return False
+    figure = Figure(figsize=(6.4 * len(sources), 4.2 * len(models)), layout="constrained")
+    axes = figure.subplots(len(models), len(sources), squeeze=False)
+    colours = {}
+    palette = [f"C{i}" for i in range(10)]
+    for r, model in enumerate(models):
+        for c, metric in enumerate(sources):
+            ax = axes[r][c]
+            plotted = False
+            for row in grid.rows(metric):
+                if row[0] != model:
+                    continue
+                cells = grid.metrics[metric][row]
+                points = sorted((s, v) for s, v in cells.items() if v is not None and math.isfinite(v) and v > 0)
+                if not points:
+                    continue
+                plotted = True
+                if row[1] == "dense":
+                    ax.axhline(points[0][1], color="0.4", linestyle="--", linewidth=1, label="dense")
+                    continue
+                label = row[1] if row[2] == "unstructured" else f"{row[1]} {row[2]}"
+                colour = colours.setdefault(row[1], palette[len(colours) % len(palette)])
+                xs, ys = zip(*points)
+                if row[2] == "unstructured":
+                    ax.plot(xs, ys, marker="o", color=colour, label=label)
+                else:
+                    ax.plot(xs, ys, linestyle="none", color=colour, label=label,
+                            marker="s" if row[2].endswith(":4") else "^", markersize=8)
+            if paper and paper["eval"] == metric[1]:
+                first = True
+                for p_model, method, pattern, sparsity, value in paper["cells"]:
+                    if p_model != model or value <= 0:
+                        continue
+                    colour = "0.4" if method == "dense" else colours.setdefault(method, palette[len(colours) % 10])
+                    ax.plot([sparsity], [value], linestyle="none", marker="x", color=colour, markersize=8,
+                            label="paper" if first else None)
+                    first = False
+                    plotted = True
+            if plotted:
+                ax.set_yscale("log")
+                ax.legend(fontsize=8)
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel(f"perplexity ({metric[1]})")
+            ax.set_title(f"{model}: perplexity on {metric[1]}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    _write_atomic(path, buffer.getvalue())
+    return True
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def make_report(results: Path, out_dir: Path | None = None, paper: dict | None = None, out=None) -> dict:
+    """Write the report files; returns {kind: path}. Prints the markdown to `out` (stdout)."""
+    out = out or sys.stdout
+    records, bad = load_records(results)
+    if not records:
+        raise _usage(f"results {results}: no records yet (run `oneshot sweep` first)")
+    grid = build_grid(records)
+    comparison = (paper, compare_with_paper(grid, paper)) if paper else None
+    markdown = render_markdown(grid, f"Results: {results.name} ({len(records)} runs)", comparison)
+    if bad:
+        markdown += f"\nNote: {bad} unreadable line(s) in {results.name} were skipped.\n"
+    out_dir = out_dir or results.parent
+    stem = results.stem
+    written = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
+    _write_atomic(written["markdown"], markdown.encode())
+    write_csv(grid, written["csv"])
+    if comparison:
+        written["paper_csv"] = out_dir / f"{stem}.paper.csv"
+        write_paper_csv(comparison[1], paper, written["paper_csv"])
+    png = out_dir / f"{stem}.png"
+    plotted = plot(grid, png, paper)
+    if plotted:
+        written["png"] = png
+    elif plotted is None:
+        written["no_png"] = "matplotlib is not installed (pip install 'oneshot[plot]'); no PNG written"
+    print(markdown, file=out)
+    return written
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "report", help="markdown/CSV tables and a plot from sweep results",
+        description="Tables (rows model/method/pattern, columns sparsity) and a ppl-vs-sparsity plot from a "
+                    "sweep's results; with paper numbers, paper | ours | difference.")
+    p.add_argument("results", metavar="RESULTS",
+                   help="results JSONL, or a sweep CONFIG.yaml (its results file and its paper block)")
+    p.add_argument("--paper", metavar="CONFIG.yaml", default=None,
+                   help="compare with the paper numbers in this sweep config's `paper` block")
+    p.add_argument("--out", metavar="DIR", default=None, help="directory for the report files (default: next to RESULTS)")
+    p.set_defaults(handler=command)
+    return p
+
+
+def command(args) -> int:
+    from .sweep import load_config
+
+    target = Path(args.results).expanduser()
+    paper = None
+    if target.suffix.lower() in (".yaml", ".yml"):
+        config = load_config(target)
+        target, paper = config.results, config.paper
+    if args.paper:
+        config = load_config(args.paper)
+        if config.paper is None:
+            raise _usage(f"--paper {args.paper}: that config has no `paper` block")
+        paper = config.paper
+    written = make_report(target, Path(args.out).expanduser() if args.out else None, paper)
+    for kind, path in written.items():
+        print(path if kind == "no_png" else f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .sweep import standalone_main
+
+    return standalone_main("report", add_parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
