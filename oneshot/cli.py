@@ -568,7 +568,13 @@ def save_model(loaded, result: dict, directory: str) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            loaded.model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            hf_logging.enable_progress_bar()
         loaded.tokenizer.save_pretrained(tmp)
         lineage = {key: result[key] for key in ("model", "model_source", "method", "pattern", "sparsity_target",
                                                  "sparsity_measured", "calibration", "seed", "ppl", "versions")}

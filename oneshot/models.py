@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -218,7 +219,8 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         where, extra, source = spec, {}, spec
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # GGUF loading draws a bar per tensor; ours per block is enough
+    hf_logging.disable_progress_bar()  # loading draws bars of its own; ours per block are enough
+    gguf_bar = _quiet_gguf_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
@@ -227,11 +229,26 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    # A GGUF-loaded config remembers its quantisation; the weights are now plain tensors.
-    if getattr(model.config, "quantization_config", None) and "gguf_file" in extra:
-        del model.config.quantization_config
+        gguf_bar()
+    if "gguf_file" in extra:
+        # The GGUF weights are dequantised to plain tensors; forget the quantiser, or save_pretrained
+        # refuses ("quantized with gguf and is not serializable").
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None):
+            del model.config.quantization_config
     model.config.use_cache = False
     return LoadedModel(model.eval(), tokenizer, spec, source)
+
+
+def _quiet_gguf_bar():
+    """transformers' GGUF dequantisation uses a plain tqdm bar; silence it. Returns the undo."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return lambda: None
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    return lambda: setattr(gguf_utils, "tqdm", original)
 
 
 # ---- the family adapter -------------------------------------------------------------------

@@ -55,3 +55,21 @@ def test_perplexity_protocol_is_mean_of_window_losses(smollm2, windows):
     batched = window_losses(smollm2.model, windows[1][:3], batch_size=3, progress=False)
     torch.testing.assert_close(losses, batched, rtol=1e-4, atol=1e-4)
     assert perplexity(smollm2.model, windows[1][:3], progress=False) == pytest.approx(float(losses.mean().exp()))
+
+
+def test_pruned_gguf_model_saves_and_reloads_bitwise(smollm2, tmp_path):
+    """The embedded model comes from a GGUF file; its pruned copy must save as a plain checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from oneshot.cli import save_model
+    from oneshot.models import LoadedModel
+
+    model = copy.deepcopy(smollm2.model)
+    prune_model(model, get_method("magnitude"), 0.5, parse_pattern("2:4"), None, progress=False)
+    record = {"model": "smollm2-135m", "model_source": smollm2.source, "method": "magnitude", "pattern": "2:4",
+              "sparsity_target": 0.5, "sparsity_measured": 0.5, "calibration": None, "seed": 0, "ppl": {},
+              "versions": {}}
+    save_model(LoadedModel(model, smollm2.tokenizer, "smollm2-135m", smollm2.source), record, str(tmp_path / "m"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
