@@ -13,7 +13,6 @@ so random presets with real shapes stand in for checkpoints that cannot be downl
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys

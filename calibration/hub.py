@@ -104,7 +104,7 @@ def check(source: str, role: str) -> None:
         )
 
 
-def _go_offline() -> None:
+def go_offline() -> None:
     """Make datasets/huggingface_hub use the cache only, even if they are already imported."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -119,7 +119,7 @@ def _load(source: str, attempts: Sequence[tuple[tuple, dict]], split: str):
     """load_dataset(*args, split=split, **kwargs) for the first attempt that works."""
     check(source, "calibration" if split == "train" else "evaluation")
     if not hub_reachable():
-        _go_offline()
+        go_offline()
     import datasets
 
     failure = None

@@ -11,28 +11,15 @@ ends with a model bitwise equal to an uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import write_atomic
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not belong to this run, or that cannot be read."""
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Checkpoint:
@@ -63,12 +50,12 @@ class Checkpoint:
         """Record finished block `index` and, unless it was the last, the next block's inputs."""
         self.directory.mkdir(parents=True, exist_ok=True)
         state_dict = {k: v.detach().to("cpu") for k, v in block.state_dict().items()}
-        _atomic(self.directory / f"block_{index:04d}.pt", lambda f: torch.save(state_dict, f))
+        write_atomic(self.directory / f"block_{index:04d}.pt", lambda f: torch.save(state_dict, f))
         if hidden is not None:
             cpu_hidden = [h.detach().to("cpu") for h in hidden]
-            _atomic(self.directory / f"hidden_{index + 1:04d}.pt", lambda f: torch.save(cpu_hidden, f))
+            write_atomic(self.directory / f"hidden_{index + 1:04d}.pt", lambda f: torch.save(cpu_hidden, f))
         state = {"fingerprint": self.fingerprint, "next_block": index + 1, "notes": notes}
-        _atomic(self.state_path, lambda f: f.write(json.dumps(state, indent=1).encode()))
+        write_atomic(self.state_path, lambda f: f.write(json.dumps(state, indent=1).encode()))
         (self.directory / f"hidden_{index:04d}.pt").unlink(missing_ok=True)  # superseded
 
     def restore(self, blocks: torch.nn.ModuleList, need_hidden: bool):

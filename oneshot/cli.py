@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .atomic import write_atomic
 
 
 class UsageError(Exception):
@@ -339,14 +340,7 @@ def run_prune(args, argv) -> int:
         "zeroshot": zeroshot,
         "calibration": calibration,
         "seed": args.seed,
-        "timings": timings,
-        "peak_memory_gib": _peak_memory_gib(device),
-        "peak_memory_kind": "cuda max allocated" if device.startswith("cuda") else "host max RSS",
-        "device": _device_name(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "versions": versions(),
-        "command": ["oneshot", *argv],
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(device, dtype, timings, argv),
     }
     _print_table(result)
     if args.save_model:
@@ -455,6 +449,18 @@ def run_eval(args, argv) -> int:
         "zeroshot": zeroshot,
         "lineage": lineage,
         "seed": args.seed,
+        **_provenance(device, dtype, timings, argv),
+    }
+    _print_table(result)
+    if args.output:
+        write_json_atomic(Path(args.output) / "result.json", result)
+        _log(f"wrote {Path(args.output) / 'result.json'}")
+    return 0
+
+
+def _provenance(device: str, dtype, timings: dict, argv) -> dict:
+    """What every record carries so that a number can be traced and reproduced."""
+    return {
         "timings": timings,
         "peak_memory_gib": _peak_memory_gib(device),
         "peak_memory_kind": "cuda max allocated" if device.startswith("cuda") else "host max RSS",
@@ -464,11 +470,6 @@ def run_eval(args, argv) -> int:
         "command": ["oneshot", *argv],
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _print_table(result)
-    if args.output:
-        write_json_atomic(Path(args.output) / "result.json", result)
-        _log(f"wrote {Path(args.output) / 'result.json'}")
-    return 0
 
 
 def _check_against_model(model, args, pattern) -> int:
@@ -547,19 +548,7 @@ def _print_table(result: dict) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary name, then rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def save_model(loaded, result: dict, directory: str) -> None:
@@ -612,7 +601,7 @@ def _card(lineage: dict) -> str:
         zeroshot = lineage["zeroshot"]
         limit = f", at most {zeroshot['limit']} documents per task" if zeroshot["limit"] else ""
         lines.append(f"- zero-shot mean accuracy ({zeroshot['suite']}{limit}): {zeroshot['mean_acc']:.4f}")
-    lines += [f"- versions: " + ", ".join(f"{k} {v}" for k, v in lineage["versions"].items()), ""]
+    lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in lineage["versions"].items()), ""]
     return "\n".join(lines)
 
 

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .atomic import write_atomic
 
 METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt")
 DENSE_PATTERN = "-"
@@ -222,7 +222,7 @@ def write_csv(grid: Grid, path: Path) -> None:
         for row in grid.rows(metric):
             values = [grid.get(metric, row, s) for s in columns]
             writer.writerow([*row, name, *("" if v is None else repr(v) for v in values)])
-    _write_atomic(path, buffer.getvalue().encode())
+    write_atomic(path, buffer.getvalue().encode())
 
 
 def write_paper_csv(cells, paper: dict, path: Path) -> None:
@@ -233,22 +233,7 @@ def write_paper_csv(cells, paper: dict, path: Path) -> None:
         diff = "" if ours is None or not math.isfinite(ours) else repr(ours - paper_value)
         writer.writerow([model, method, pattern, fmt_sparsity(sparsity), paper["eval"], repr(paper_value),
                          "" if ours is None else repr(ours), diff])
-    _write_atomic(path, buffer.getvalue().encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, buffer.getvalue().encode())
 
 
 # ---- plot ----------------------------------------------------------------------------------------
@@ -310,7 +295,7 @@ def plot(grid: Grid, path: Path, paper: dict | None = None) -> bool | None:
             ax.grid(True, which="both", alpha=0.3)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return True
 
 
@@ -330,7 +315,7 @@ def make_report(results: Path, out_dir: Path | None = None, paper: dict | None =
     out_dir = out_dir or results.parent
     stem = results.stem
     written = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
-    _write_atomic(written["markdown"], markdown.encode())
+    write_atomic(written["markdown"], markdown.encode())
     write_csv(grid, written["csv"])
     if comparison:
         written["paper_csv"] = out_dir / f"{stem}.paper.csv"

@@ -158,16 +158,15 @@ def test_failed_save_leaves_no_partial_model(tmp_path, capsys, monkeypatch):
 
 
 def test_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
-    from oneshot import cli
+    from oneshot import atomic, cli
 
     target = tmp_path / "result.json"
     target.write_text('{"old": true}')
 
-    def broken_dump(data, handle, **kwargs):
-        handle.write('{"new": ')
+    def interrupted(_fd):  # the new content is written but not yet renamed into place
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.json, "dump", broken_dump)
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.write_json_atomic(target, {"new": True})
     assert json.loads(target.read_text()) == {"old": True} and list(tmp_path.iterdir()) == [target]

@@ -91,13 +91,9 @@ def configure_offline(force: bool = False) -> bool:
 
         offline = not hub_reachable()
     if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        if "huggingface_hub.constants" in sys.modules:
-            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-        if "datasets.config" in sys.modules:
-            sys.modules["datasets.config"].HF_HUB_OFFLINE = True
-            sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
+        from calibration.hub import go_offline
+
+        go_offline()
     return offline
 
 
