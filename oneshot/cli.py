@@ -293,6 +293,8 @@ def run_prune(args, argv) -> int:
         calibration = None
         method = None if args.method == "dense" else get_method(args.method)
         if method is not None and method.statistic is not None:
+            if seqlen and not args.calibration.startswith("tokens:"):  # before sampling anything
+                check_memory(model, args.nsamples or 128, seqlen, device, args.batch_size)
             start = time.perf_counter()
             ids = calibration_windows(args.calibration, tokenizer, args.nsamples, seqlen, args.seed)
             _check_token_range(ids, model, args.calibration)

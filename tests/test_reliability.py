@@ -172,6 +172,13 @@ def test_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert json.loads(target.read_text()) == {"old": True} and list(tmp_path.iterdir()) == [target]
 
 
+def test_run_too_large_for_memory_stops_before_any_work(tmp_path, capsys):
+    code, _, err = _cli(["prune", "--model", "random:tiny-llama", "--nsamples", "2000000", "--seqlen", "256",
+                         "--quiet", "--output", str(tmp_path / "o")], capsys)
+    assert code == 1 and "lower --nsamples or --seqlen" in err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
 def test_overwrite_replaces_an_existing_output(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "result.json").write_text("{}")
