@@ -258,7 +258,7 @@ def prune_model(
         if checkpoint is not None:
             last = index + 1 == len(blocks)
             checkpoint.save(index, block, None if last or captured is None else captured.hidden,
-                            {k: v for k, v in report.layer_info.items()})
+                            dict(report.layer_info))
         bar.update(1)
         if on_block_done is not None:
             on_block_done(index)
