@@ -52,7 +52,7 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=None,
                    help="evaluate at most this many windows per source (default: all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: float32 on CPU)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 | float64 (auto: float32 on CPU)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per block forward (default: about 16k tokens per batch)")
     _add_zeroshot_arguments(p)
@@ -90,7 +90,7 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random models")
     _add_zeroshot_arguments(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (auto: float32 on CPU)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 | float64 (auto: float32 on CPU)")
     p.add_argument("--output", default=None, help="directory for result.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -188,8 +188,8 @@ def _check_model_and_evaluation(args, *directories) -> dict:
 
     _check_counts(("--seqlen", args.seqlen), ("--eval-samples", args.eval_samples))
     device = _resolve_device(args.device)
-    if args.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise UsageError(f"unknown dtype {args.dtype!r}; choose auto, float32, float16 or bfloat16")
+    if args.dtype not in ("auto", "float32", "float16", "bfloat16", "float64"):
+        raise UsageError(f"unknown dtype {args.dtype!r}; choose auto, float32, float16, bfloat16 or float64")
     try:
         model_kind = check_model_spec(args.model)
     except ModelError as exc:

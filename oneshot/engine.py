@@ -137,7 +137,7 @@ def _gather_statistics(block: nn.Module, layers: dict, statistic: type, hidden: 
                         stats[name], feeds[name] = accumulator, False
                         break
                 else:
-                    stats[name], feeds[name] = statistic(x.shape[-1], device), True
+                    stats[name], feeds[name] = statistic(x.shape[-1], device, x.dtype), True
                     seen.append((weakref.ref(x), stats[name]))
             if feeds[name]:
                 stats[name].add(x, sequences)

@@ -390,6 +390,19 @@ def test_hessian_matches_brute_force_and_running_average():
     assert not torch.allclose(value.double(), expected * 9 / 4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("features", [200, 577, 1000])  # 1, 3 (uneven) and 4 tiles
+def test_hessian_tiled_lower_triangle_is_exactly_symmetric_and_exact(features):
+    """Only tiles on and below the diagonal are computed; the mirrored result is the full Gram."""
+    xs = batches(22, features)
+    acc = Hessian(features, "cpu")
+    for x in xs:
+        acc.add(x)
+    value = acc.value()
+    assert torch.equal(value, value.t())
+    expected, _ = brute_hessian_batches(xs)
+    close_to(value, expected)
+
+
 def test_act_sq_norm_matches_brute_force_and_running_average():
     features = 24
     xs = batches(21, features)
@@ -403,6 +416,34 @@ def test_act_sq_norm_matches_brute_force_and_running_average():
     close_to(value, expected)
     running, _ = running_average_sq_norm(xs)
     close_to(value, running)
+
+
+def test_statistics_of_float64_inputs_stay_float64():
+    """A float64 model (for numerical studies) keeps float64 statistics, to float64 accuracy."""
+    features = 12
+    xs = batches(5, features, dtype=torch.float64)
+    hess, sq = Hessian(features, "cpu", torch.float64), ActSqNorm(features, "cpu", torch.float64)
+    for x in xs:
+        hess.add(x)
+        sq.add(x)
+    assert hess.value().dtype == torch.float64 and sq.value().dtype == torch.float64
+    expected_h, _ = brute_hessian_batches(xs)
+    expected_s, _ = brute_sq_norm(xs)
+    torch.testing.assert_close(hess.value(), expected_h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sq.value(), expected_s, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", 0.5)])
+def test_sparsegpt_float64_matches_obs_to_float64_precision(pattern, sparsity):
+    """In float64 the blocked, transposed implementation equals the column-by-column OBS to ~1e-12:
+    the fp32 tolerance above is rounding, not a difference in the algorithm."""
+    weight, hessian = make_layer(0)
+    pat = parse_pattern(pattern)
+    result = sparsegpt_prune(weight.double(), hessian.double(), sparsity, pat, blocksize=64)
+    ref_w, ref_mask, _ = obs_reference(weight, hessian, sparsity, pat.n, pat.m, 64)
+    assert result.weight.dtype == torch.float64
+    assert torch.equal(result.mask, ref_mask)
+    torch.testing.assert_close(result.weight, ref_w, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

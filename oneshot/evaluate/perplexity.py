@@ -15,11 +15,12 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, device="cpu", batch_size: int = 1, progress: bool = True) -> torch.Tensor:
-    """Mean next-token NLL of each window [n, seqlen], in fp32, as a CPU tensor [n]."""
+    """Mean next-token NLL of each window [n, seqlen], in fp32 (fp64 for an fp64 model), on CPU [n]."""
     losses = []
     for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
         losses.append(nll.view(batch.shape[0], -1).mean(dim=1).cpu())
     return torch.cat(losses)

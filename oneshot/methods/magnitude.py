@@ -7,7 +7,7 @@ from .masks import Pattern, PruneResult, nm_mask, threshold_mask
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
-    scores = weight.abs().float()
+    scores = weight.abs().to(torch.promote_types(weight.dtype, torch.float32))
     if pattern.structured:
         return nm_mask(scores, pattern)
     return threshold_mask(scores, sparsity)

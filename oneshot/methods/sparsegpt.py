@@ -26,7 +26,7 @@ class NumericsError(RuntimeError):
 class InverseHessian:
     """What every layer sharing one Hessian needs; computed once per distinct layer input."""
 
-    upper: torch.Tensor  # U = chol((H + damp*I)^-1), upper triangular, fp32
+    upper: torch.Tensor  # U = chol((H + damp*I)^-1), upper triangular, fp32 (fp64 for an fp64 H)
     dead: torch.Tensor  # bool [cols]: inputs with diag(H) == 0, whose weights are dropped
     percdamp: float  # the damping fraction actually used
 
@@ -39,7 +39,7 @@ def prepare_hessian(hessian: torch.Tensor, percdamp: float = 0.01, max_percdamp:
     """
     if not torch.isfinite(hessian).all():
         raise NumericsError("the Hessian has NaN or inf entries (the layer's inputs are not finite)")
-    H = hessian.detach().float().clone()
+    H = hessian.detach().to(torch.promote_types(hessian.dtype, torch.float32), copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     mean_diag = torch.mean(torch.diag(H))
@@ -75,14 +75,17 @@ def sparsegpt_prune(
     """
     inverse = hessian if isinstance(hessian, InverseHessian) else prepare_hessian(hessian, percdamp)
     U = inverse.upper
-    Wt = weight.detach().float().t().contiguous()  # [cols, rows]
+    compute = torch.promote_types(weight.dtype, U.dtype)  # fp32, or fp64 when either is fp64
+    U = U.to(compute)
+    Wt = weight.detach().to(compute).t().contiguous()  # [cols, rows]
     cols, rows = Wt.shape
     if pattern.structured:
         pattern.check_width(cols)
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)  # N:M groups never straddle blocks
     Wt[inverse.dead] = 0
     mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)
-    obs_block = _fused_block() if kernel == "auto" and Wt.is_cuda else _obs_block_torch
+    fused = kernel == "auto" and Wt.is_cuda and compute == torch.float32
+    obs_block = _fused_block() if fused else _obs_block_torch
 
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)

@@ -1,4 +1,4 @@
-"""Running statistics of a layer's input, accumulated in fp32 whatever the model dtype.
+"""Running statistics of a layer's input, accumulated in fp32 (fp64 for a float64 model).
 
 The engine feeds each accumulator the input batch of a layer, shaped [..., features], and says how
 many sequences it holds (some blocks flatten [batch, tokens] before their MLP, as OPT does).
@@ -15,15 +15,33 @@ def _as_rows(x: torch.Tensor, sequences: int | None) -> tuple[torch.Tensor, int]
     return x.reshape(-1, x.shape[-1]), sequences
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half, bfloat16 and fp32 inputs; fp64 stays fp64 (for numerical studies)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 _HALF_GEMM = [True]  # whether this torch has half x half -> fp32 matmuls on CUDA
 
 
-class Hessian:
-    """H = (2/N) * sum over sequences of X X^T (X: features x tokens), SparseGPT's layer Hessian."""
+def _tiles(features: int) -> list[tuple[int, int]]:
+    """Up to 4 column ranges of at least 192 features: the Gram matrix is built tile by tile."""
+    count = max(1, min(4, features // 192))
+    edges = [round(i * features / count) for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
-    def __init__(self, features: int, device):
-        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
+
+class Hessian:
+    """H = (2/N) * sum over sequences of X X^T (X: features x tokens), SparseGPT's layer Hessian.
+
+    H is symmetric, so only the tiles on and below the diagonal are computed (10 of 16 GEMM tiles
+    for wide layers: ~37% fewer FLOPs) and value() mirrors the lower triangle; the result is exactly
+    symmetric.
+    """
+
+    def __init__(self, features: int, device, dtype: torch.dtype = torch.float32):
+        self.sum = torch.zeros(features, features, dtype=accumulation_dtype(dtype), device=device)
         self.sequences = 0
+        self._tiles = _tiles(features)
 
     def add(self, x: torch.Tensor, sequences: int | None = None) -> None:
         rows, sequences = _as_rows(x, sequences)
@@ -31,29 +49,37 @@ class Hessian:
             # A product of two half values is exact in fp32: tensor cores with fp32 output lose only
             # summation order (relative error ~1e-4), at about 10x the speed of an fp32 GEMM.
             try:
-                self.sum += torch.mm(rows.t(), rows, out_dtype=torch.float32)
+                self._add_gram(rows, lambda a, b: torch.mm(a, b, out_dtype=torch.float32))
                 self.sequences += sequences
                 return
             except (TypeError, RuntimeError):  # torch without mm(out_dtype=...)
                 _HALF_GEMM[0] = False
-        rows = rows.float()
-        self.sum.addmm_(rows.t(), rows)
+        self._add_gram(rows.to(self.sum.dtype), None)
         self.sequences += sequences
 
+    def _add_gram(self, rows: torch.Tensor, mm) -> None:
+        for i, (a, b) in enumerate(self._tiles):
+            for c, e in self._tiles[: i + 1]:
+                if mm is None:
+                    self.sum[a:b, c:e].addmm_(rows[:, a:b].t(), rows[:, c:e])
+                else:
+                    self.sum[a:b, c:e] += mm(rows[:, a:b].t(), rows[:, c:e])
+
     def value(self) -> torch.Tensor:
-        return self.sum * (2.0 / self.sequences)
+        lower = self.sum.tril()
+        return (lower + lower.tril(-1).t()) * (2.0 / self.sequences)
 
 
 class ActSqNorm:
     """s_j = (1/N) * sum over tokens of x_j^2: Wanda's squared input-feature norm per sequence."""
 
-    def __init__(self, features: int, device):
-        self.sum = torch.zeros(features, dtype=torch.float32, device=device)
+    def __init__(self, features: int, device, dtype: torch.dtype = torch.float32):
+        self.sum = torch.zeros(features, dtype=accumulation_dtype(dtype), device=device)
         self.sequences = 0
 
     def add(self, x: torch.Tensor, sequences: int | None = None) -> None:
         rows, sequences = _as_rows(x, sequences)
-        self.sum += rows.float().pow(2).sum(0)
+        self.sum += rows.to(self.sum.dtype).pow(2).sum(0)
         self.sequences += sequences
 
     def value(self) -> torch.Tensor:

@@ -11,7 +11,8 @@ from .masks import Pattern, PruneResult, nm_mask, row_mask
 
 
 def wanda_scores(weight: torch.Tensor, act_sq_norm: torch.Tensor) -> torch.Tensor:
-    return weight.abs().float() * torch.sqrt(act_sq_norm.float()).reshape(1, -1)
+    dtype = torch.promote_types(torch.promote_types(weight.dtype, act_sq_norm.dtype), torch.float32)
+    return weight.abs().to(dtype) * torch.sqrt(act_sq_norm.to(dtype)).reshape(1, -1)
 
 
 def wanda_mask(weight: torch.Tensor, act_sq_norm: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
