@@ -54,7 +54,7 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 | float64 (auto: float32 on CPU)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per block forward (default: about 16k tokens per batch)")
+                   help="sequences per block forward (default: about 16k tokens per batch on CUDA, 4k on CPU)")
     _add_zeroshot_arguments(p)
     p.add_argument("--output", default=None, help="directory for result.json")
     p.add_argument("--save-model", default=None, help="directory for the pruned model (safetensors) and its card")

@@ -207,7 +207,7 @@ def prune_model(
         if checkpoint.exists():
             first, resumed_hidden, resumed_notes = checkpoint.restore(blocks, needs_data)
     if needs_data and first < len(blocks):
-        batch_size = batch_size or default_batch_size(model, input_ids.shape[1])
+        batch_size = batch_size or default_batch_size(model, input_ids.shape[1], device)
         offload = device.type == "cuda" and not _activations_fit(model, input_ids, device)
         captured = capture_block_inputs(model, input_ids, device, batch_size, offload)
         if first:
@@ -290,8 +290,11 @@ def measure_sparsity(model: nn.Module) -> PruneReport:
     return report
 
 
-def default_batch_size(model: nn.Module, seqlen: int, tokens_per_batch: int = 16384) -> int:
-    """Sequences per block forward: enough to keep the device busy, few enough to bound scratch memory."""
+def default_batch_size(model: nn.Module, seqlen: int, device="cpu") -> int:
+    """Sequences per block forward: enough to keep the device busy, few enough to bound scratch memory.
+    A GPU wants large batches (16k tokens); a CPU is fastest at ~4k tokens, whose activations stay
+    in cache (SmolLM2 block, 32 x 1024 tokens, 2 cores: 1.70 s per pass at 4k vs 2.09 s at 16k)."""
+    tokens_per_batch = 16384 if torch.device(device).type == "cuda" else 4096
     return max(1, tokens_per_batch // seqlen)
 
 
@@ -333,7 +336,7 @@ def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_siz
     config = model.config.get_text_config()
     hidden = config.hidden_size
     element = next(model.parameters()).element_size()
-    batch_size = batch_size or default_batch_size(model, seqlen)
+    batch_size = batch_size or default_batch_size(model, seqlen, device)
     block = decoder_blocks(model)[0]
     block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
     widest = max(get_weight(layer).shape[1] for layer in prunable_layers(block).values())
