@@ -6,7 +6,7 @@
 
 The methods are pure tensor functions (oneshot.methods); the engine streams one block at a time.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .engine import PruneReport, measure_sparsity, prune_model
 from .methods import METHODS, get_method, parse_pattern

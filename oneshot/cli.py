@@ -7,10 +7,12 @@ temporary name first, so an interrupted run leaves no partial result behind.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -517,8 +519,28 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@functools.lru_cache(maxsize=1)
+def _source_commit() -> str | None:
+    """The git commit of a source checkout (with "+dirty" for uncommitted changes), else None."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
 def versions() -> dict:
     found = {"python": platform.python_version(), "oneshot": __version__}
+    if _source_commit():
+        found["oneshot_commit"] = _source_commit()
     for package in ("torch", "transformers", "numpy", "datasets", "lm-eval", "gguf"):
         try:
             found[package] = metadata.version(package)

@@ -129,3 +129,20 @@ def test_command_line_errors_have_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "outside [0, 1)" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_versions_name_the_source_commit_of_a_checkout():
+    """Records from a git checkout carry its commit, so a number can be traced to the exact code."""
+    import subprocess
+    from pathlib import Path
+
+    from oneshot.cli import versions
+
+    root = Path(__file__).resolve().parent.parent
+    found = versions()
+    assert found["oneshot"] and found["torch"]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert found["oneshot_commit"].split("+")[0] == head
