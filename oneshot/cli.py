@@ -350,9 +350,7 @@ def run_prune(args, argv) -> int:
     if args.save_model:
         save_model(loaded, result, args.save_model)
         _log(f"saved the pruned model to {args.save_model}")
-    if args.output:
-        write_json_atomic(Path(args.output) / "result.json", result)
-        _log(f"wrote {Path(args.output) / 'result.json'}")
+    _write_result(result, args.output)
     return 0
 
 
@@ -456,10 +454,14 @@ def run_eval(args, argv) -> int:
         **_provenance(device, dtype, timings, argv),
     }
     _print_table(result)
-    if args.output:
-        write_json_atomic(Path(args.output) / "result.json", result)
-        _log(f"wrote {Path(args.output) / 'result.json'}")
+    _write_result(result, args.output)
     return 0
+
+
+def _write_result(result: dict, output: str | None) -> None:
+    if output:
+        write_json_atomic(Path(output) / "result.json", result)
+        _log(f"wrote {Path(output) / 'result.json'}")
 
 
 def _provenance(device: str, dtype, timings: dict, argv) -> dict:
