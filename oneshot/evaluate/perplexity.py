@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..methods.masks import compute_dtype
+
 
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, device="cpu", batch_size: int = 1, progress: bool = True) -> torch.Tensor:
@@ -20,7 +22,7 @@ def window_losses(model, windows: torch.Tensor, device="cpu", batch_size: int = 
     for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logits = logits.to(compute_dtype(logits.dtype))
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
         losses.append(nll.view(batch.shape[0], -1).mean(dim=1).cpu())
     return torch.cat(losses)

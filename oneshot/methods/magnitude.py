@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from .masks import Pattern, PruneResult, nm_mask, threshold_mask
+from .masks import Pattern, PruneResult, compute_dtype, nm_mask, threshold_mask
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
-    scores = weight.abs().to(torch.promote_types(weight.dtype, torch.float32))
+    scores = weight.abs().to(compute_dtype(weight.dtype))
     if pattern.structured:
         return nm_mask(scores, pattern)
     return threshold_mask(scores, sparsity)

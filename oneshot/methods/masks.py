@@ -21,6 +21,15 @@ class PruneResult(NamedTuple):
     info: dict = {}
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """What the methods compute in: fp32 for half, bfloat16 and fp32 inputs; fp64 if any input is
+    fp64 (for numerical studies)."""
+    result = torch.float32
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
 class PatternError(ValueError):
     """A sparsity pattern or target that cannot be honoured; the message says what to change."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import Pattern, PruneResult, threshold_mask
+from .masks import Pattern, PruneResult, compute_dtype, threshold_mask
 
 
 class NumericsError(RuntimeError):
@@ -39,7 +39,7 @@ def prepare_hessian(hessian: torch.Tensor, percdamp: float = 0.01, max_percdamp:
     """
     if not torch.isfinite(hessian).all():
         raise NumericsError("the Hessian has NaN or inf entries (the layer's inputs are not finite)")
-    H = hessian.detach().to(torch.promote_types(hessian.dtype, torch.float32), copy=True)
+    H = hessian.detach().to(compute_dtype(hessian.dtype), copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     mean_diag = torch.mean(torch.diag(H))
@@ -75,7 +75,7 @@ def sparsegpt_prune(
     """
     inverse = hessian if isinstance(hessian, InverseHessian) else prepare_hessian(hessian, percdamp)
     U = inverse.upper
-    compute = torch.promote_types(weight.dtype, U.dtype)  # fp32, or fp64 when either is fp64
+    compute = compute_dtype(weight.dtype, U.dtype)
     U = U.to(compute)
     Wt = weight.detach().to(compute).t().contiguous()  # [cols, rows]
     cols, rows = Wt.shape

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from .masks import compute_dtype
+
 
 def _as_rows(x: torch.Tensor, sequences: int | None) -> tuple[torch.Tensor, int]:
     if sequences is None:
         sequences = x.shape[0] if x.dim() > 2 else 1
     return x.reshape(-1, x.shape[-1]), sequences
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half, bfloat16 and fp32 inputs; fp64 stays fp64 (for numerical studies)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 _HALF_GEMM = [True]  # whether this torch has half x half -> fp32 matmuls on CUDA
@@ -39,7 +36,7 @@ class Hessian:
     """
 
     def __init__(self, features: int, device, dtype: torch.dtype = torch.float32):
-        self.sum = torch.zeros(features, features, dtype=accumulation_dtype(dtype), device=device)
+        self.sum = torch.zeros(features, features, dtype=compute_dtype(dtype), device=device)
         self.sequences = 0
         self._tiles = _tiles(features)
 
@@ -74,7 +71,7 @@ class ActSqNorm:
     """s_j = (1/N) * sum over tokens of x_j^2: Wanda's squared input-feature norm per sequence."""
 
     def __init__(self, features: int, device, dtype: torch.dtype = torch.float32):
-        self.sum = torch.zeros(features, dtype=accumulation_dtype(dtype), device=device)
+        self.sum = torch.zeros(features, dtype=compute_dtype(dtype), device=device)
         self.sequences = 0
 
     def add(self, x: torch.Tensor, sequences: int | None = None) -> None:

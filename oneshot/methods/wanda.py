@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from .masks import Pattern, PruneResult, nm_mask, row_mask
+from .masks import Pattern, PruneResult, compute_dtype, nm_mask, row_mask
 
 
 def wanda_scores(weight: torch.Tensor, act_sq_norm: torch.Tensor) -> torch.Tensor:
-    dtype = torch.promote_types(torch.promote_types(weight.dtype, act_sq_norm.dtype), torch.float32)
+    dtype = compute_dtype(weight.dtype, act_sq_norm.dtype)
     return weight.abs().to(dtype) * torch.sqrt(act_sq_norm.to(dtype)).reshape(1, -1)
 
 
