@@ -44,7 +44,7 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _reachable: bool | None = None
 
 
-def _env_offline() -> bool:
+def env_offline() -> bool:
     return any(os.environ.get(name, "").upper() in _TRUE for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
@@ -52,7 +52,7 @@ def hub_reachable() -> bool:
     """Whether huggingface.co answers, honouring HF_HUB_OFFLINE; probed once per process."""
     global _reachable
     if _reachable is None:
-        _reachable = False if _env_offline() else _probe()
+        _reachable = False if env_offline() else _probe()
     return _reachable
 
 

@@ -29,7 +29,6 @@ import functools
 import io
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -79,20 +78,13 @@ def _optional_names(spec: str) -> set[str]:
 
 # ---- offline mode ----------------------------------------------------------------------------
 
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
 def configure_offline(force: bool = False) -> bool:
     """Switch datasets/huggingface_hub to the local cache when the Hub is unreachable (or `force`).
     Call it before lm-eval or datasets load anything; returns whether we are offline."""
-    offline = force or any(os.environ.get(n, "").upper() in _TRUE for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline:
-        from calibration.hub import hub_reachable  # one shared probe (~3 s at most) per process
+    from calibration.hub import env_offline, go_offline, hub_reachable  # one shared probe per process
 
-        offline = not hub_reachable()
+    offline = force or env_offline() or not hub_reachable()
     if offline:
-        from calibration.hub import go_offline
-
         go_offline()
     return offline
 
