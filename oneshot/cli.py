@@ -24,6 +24,9 @@ from . import __version__
 from .atomic import write_atomic
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")  # float64: for numerical studies
+
+
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2."""
 
@@ -54,7 +57,7 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=None,
                    help="evaluate at most this many windows per source (default: all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 | float64 (auto: float32 on CPU)")
+    p.add_argument("--dtype", default="auto", help=" | ".join(DTYPES) + " (auto: float32 on CPU)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per block forward (default: about 16k tokens per batch on CUDA, 4k on CPU)")
     _add_zeroshot_arguments(p)
@@ -92,7 +95,7 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random models")
     _add_zeroshot_arguments(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 | float64 (auto: float32 on CPU)")
+    p.add_argument("--dtype", default="auto", help=" | ".join(DTYPES) + " (auto: float32 on CPU)")
     p.add_argument("--output", default=None, help="directory for result.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -112,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """`oneshot COMMAND ...`: a bad argument or a failed run is one line on stderr and an exit status."""
+    return dispatch(sys.argv[1:] if argv is None else argv)
+
+
+def dispatch(argv: list[str]) -> int:
+    """main's body; `python -m oneshot.sweep|report` enter here too (a sweep calls main per run)."""
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -190,8 +198,8 @@ def _check_model_and_evaluation(args, *directories) -> dict:
 
     _check_counts(("--seqlen", args.seqlen), ("--eval-samples", args.eval_samples))
     device = _resolve_device(args.device)
-    if args.dtype not in ("auto", "float32", "float16", "bfloat16", "float64"):
-        raise UsageError(f"unknown dtype {args.dtype!r}; choose auto, float32, float16, bfloat16 or float64")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {args.dtype!r}; choose {', '.join(DTYPES)}")
     try:
         model_kind = check_model_spec(args.model)
     except ModelError as exc:
@@ -279,16 +287,13 @@ def run_prune(args, argv) -> int:
     from .engine import ResourceError, check_memory, measure_sparsity, prune_model
     from .evaluate.zeroshot import ZeroShotError
     from .methods import NumericsError, PatternError, get_method
-    from .models import ModelError, load_model
+    from .models import ModelError
 
     device, dtype, pattern = settings["device"], settings["dtype"], settings["pattern"]
     progress = not args.quiet
     timings = {}
     try:
-        _log(f"loading {args.model} ({str(dtype).replace('torch.', '')})")
-        start = time.perf_counter()
-        loaded = load_model(args.model, dtype=dtype, seed=args.seed)
-        timings["load_s"] = time.perf_counter() - start
+        loaded = _load(args, dtype, timings)
         model, tokenizer = loaded.model, loaded.tokenizer
         seqlen = _check_against_model(model, args, pattern)
 
@@ -352,6 +357,17 @@ def run_prune(args, argv) -> int:
         _log(f"saved the pruned model to {args.save_model}")
     _write_result(result, args.output)
     return 0
+
+
+def _load(args, dtype, timings: dict):
+    """Load --model in `dtype`, logging it and recording load_s."""
+    from .models import load_model
+
+    _log(f"loading {args.model} ({str(dtype).replace('torch.', '')})")
+    start = time.perf_counter()
+    loaded = load_model(args.model, dtype=dtype, seed=args.seed)
+    timings["load_s"] = time.perf_counter() - start
+    return loaded
 
 
 def _evaluate(loaded, args, settings, seqlen, timings) -> tuple[dict, dict, dict | None]:
@@ -418,15 +434,12 @@ def run_eval(args, argv) -> int:
     from calibration import SourceError
     from .engine import measure_sparsity
     from .evaluate.zeroshot import ZeroShotError
-    from .models import ModelError, load_model
+    from .models import ModelError
 
     device, dtype = settings["device"], settings["dtype"]
     timings = {}
     try:
-        _log(f"loading {args.model} ({str(dtype).replace('torch.', '')})")
-        start = time.perf_counter()
-        loaded = load_model(args.model, dtype=dtype, seed=args.seed)
-        timings["load_s"] = time.perf_counter() - start
+        loaded = _load(args, dtype, timings)
         seqlen = args.seqlen
         if any(not source.startswith("tokens:") for source in settings["eval_sources"]):
             _check_seqlen(loaded.model, seqlen or 2048)

@@ -22,17 +22,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cli  # cli imports this module only inside its functions
 from .atomic import write_atomic
+from .cli import UsageError
 
 METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt")
 DENSE_PATTERN = "-"
 ZEROSHOT = "zero-shot mean acc"
-
-
-def _usage(message: str) -> Exception:
-    from .cli import UsageError
-
-    return UsageError(message)
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -42,7 +38,7 @@ def load_records(path: Path) -> tuple[list[dict], int]:
     from .sweep import read_results
 
     if not path.is_file():
-        raise _usage(f"results {path}: no such file")
+        raise UsageError(f"results {path}: no such file")
     records, bad = read_results(path)
     latest = {}
     for i, record in enumerate(records):
@@ -306,7 +302,7 @@ def make_report(results: Path, out_dir: Path | None = None, paper: dict | None =
     out = out or sys.stdout
     records, bad = load_records(results)
     if not records:
-        raise _usage(f"results {results}: no records yet (run `oneshot sweep` first)")
+        raise UsageError(f"results {results}: no records yet (run `oneshot sweep` first)")
     grid = build_grid(records)
     comparison = (paper, compare_with_paper(grid, paper)) if paper else None
     markdown = render_markdown(grid, f"Results: {results.name} ({len(records)} runs)", comparison)
@@ -355,7 +351,7 @@ def command(args) -> int:
     if args.paper:
         config = load_config(args.paper)
         if config.paper is None:
-            raise _usage(f"--paper {args.paper}: that config has no `paper` block")
+            raise UsageError(f"--paper {args.paper}: that config has no `paper` block")
         paper = config.paper
     written = make_report(target, Path(args.out).expanduser() if args.out else None, paper)
     for kind, path in written.items():
@@ -364,9 +360,8 @@ def command(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .sweep import standalone_main
-
-    return standalone_main("report", add_parser, argv)
+    """`python -m oneshot.report ...`, the same as `oneshot report ...`."""
+    return cli.dispatch(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -41,19 +41,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import cli  # cli imports this module only inside its functions
+from .cli import DTYPES, UsageError
+
 TOP_KEYS = ("models", "methods", "patterns", "sparsities", "calibration", "eval", "device", "dtype",
             "batch_size", "results", "paper")
 CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
 EVAL_KEYS = ("ppl", "samples", "tasks", "limit")
 PAPER_KEYS = ("table", "source", "eval", "ppl", "notes")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 CALIBRATION_DEFAULTS = {"source": "wiki-offline", "nsamples": 128, "seqlen": 2048, "seed": 0}
-
-
-def _usage(message: str) -> Exception:
-    from .cli import UsageError  # imported late: cli may import this module
-
-    return UsageError(message)
 
 
 # ---- YAML ----------------------------------------------------------------------------------------
@@ -89,18 +85,18 @@ def read_yaml(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise _usage(f"config {path}: no such file") from None
+        raise UsageError(f"config {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise _usage(f"config {path}: cannot read it ({exc})") from None
+        raise UsageError(f"config {path}: cannot read it ({exc})") from None
     try:
         data = yaml.load(text, Loader=_yaml_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise _usage(f"config {path}: not valid YAML{where}: {problem}") from None
+        raise UsageError(f"config {path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise _usage(f"config {path}: expected a mapping of keys ({', '.join(TOP_KEYS)}), "
+        raise UsageError(f"config {path}: expected a mapping of keys ({', '.join(TOP_KEYS)}), "
                      f"got {type(data).__name__}")
     return data
 
@@ -229,11 +225,11 @@ def _where(path: Path, key: str) -> str:
 
 def _check_keys(path: Path, mapping, allowed, prefix: str) -> None:
     if not isinstance(mapping, dict):
-        raise _usage(f"{_where(path, prefix.rstrip('.') or 'top level')} must be a mapping with keys "
+        raise UsageError(f"{_where(path, prefix.rstrip('.') or 'top level')} must be a mapping with keys "
                      f"{', '.join(allowed)}")
     for key in mapping:
         if key not in allowed:
-            raise _usage(f"config {path}: unknown key {prefix + str(key)!r}; allowed keys"
+            raise UsageError(f"config {path}: unknown key {prefix + str(key)!r}; allowed keys"
                          f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(allowed)}")
 
 
@@ -241,7 +237,7 @@ def _as_list(path: Path, key: str, value) -> list:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return [value]
     if not isinstance(value, list) or not value:
-        raise _usage(f"{_where(path, key)} must be a non-empty list")
+        raise UsageError(f"{_where(path, key)} must be a non-empty list")
     return value
 
 
@@ -251,9 +247,9 @@ def _number(path, key, value, *, integer=False, minimum=None, allow_none=False):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok:
         kind = "a whole number" if integer else "a number"
-        raise _usage(f"{_where(path, key)} must be {kind}, not {value!r}")
+        raise UsageError(f"{_where(path, key)} must be {kind}, not {value!r}")
     if minimum is not None and value < minimum:
-        raise _usage(f"{_where(path, key)} must be at least {minimum} (got {value})")
+        raise UsageError(f"{_where(path, key)} must be at least {minimum} (got {value})")
     return value
 
 
@@ -261,11 +257,11 @@ def _pattern(path: Path, key: str, value) -> str:
     from .methods import PatternError, parse_pattern
 
     if not isinstance(value, str):
-        raise _usage(f"{_where(path, key)}: pattern {value!r} is not 'unstructured' or 'N:M' (quote it: \"2:4\")")
+        raise UsageError(f"{_where(path, key)}: pattern {value!r} is not 'unstructured' or 'N:M' (quote it: \"2:4\")")
     try:
         return str(parse_pattern(value))
     except PatternError as exc:
-        raise _usage(f"{_where(path, key)}: {exc}") from None
+        raise UsageError(f"{_where(path, key)}: {exc}") from None
 
 
 def _sparsity(path: Path, key: str, value) -> float:
@@ -275,7 +271,7 @@ def _sparsity(path: Path, key: str, value) -> float:
     try:
         return check_sparsity(value)
     except PatternError as exc:
-        raise _usage(f"{_where(path, key)}: {exc}") from None
+        raise UsageError(f"{_where(path, key)}: {exc}") from None
 
 
 def _source(path: Path, key: str, value) -> str:
@@ -283,7 +279,7 @@ def _source(path: Path, key: str, value) -> str:
     from calibration import SOURCES
 
     if not isinstance(value, str) or not value.strip():
-        raise _usage(f"{_where(path, key)} must be a source name ({', '.join(SOURCES)})")
+        raise UsageError(f"{_where(path, key)} must be a source name ({', '.join(SOURCES)})")
     value = value.strip()
     for prefix in ("file:", "tokens:"):
         if value.startswith(prefix):
@@ -292,7 +288,7 @@ def _source(path: Path, key: str, value) -> str:
                 target = path.parent / target
             return prefix + str(target)
     if value not in SOURCES:
-        raise _usage(f"{_where(path, key)}: unknown source {value!r}; known: {', '.join(SOURCES)}")
+        raise UsageError(f"{_where(path, key)}: unknown source {value!r}; known: {', '.join(SOURCES)}")
     return value
 
 
@@ -302,7 +298,7 @@ def _string_list(path: Path, key: str, value) -> list[str]:
     value = _as_list(path, key, value)
     for item in value:
         if not isinstance(item, str) or not item.strip():
-            raise _usage(f"{_where(path, key)}: {item!r} is not a name")
+            raise UsageError(f"{_where(path, key)}: {item!r} is not a name")
     return [item.strip() for item in value]
 
 
@@ -319,14 +315,14 @@ def load_config(path: str | Path) -> SweepConfig:
     _check_keys(path, data, TOP_KEYS, "")
     for required in ("models", "methods"):
         if data.get(required) is None:
-            raise _usage(f"config {path}: missing required key {required!r}")
+            raise UsageError(f"config {path}: missing required key {required!r}")
 
     models = _dedupe(_string_list(path, "models", data["models"]))
     methods = _dedupe(_string_list(path, "methods", data["methods"]))
     known = list(METHODS) + ["dense"]
     for method in methods:
         if method not in known:
-            raise _usage(f"{_where(path, 'methods')}: unknown method {method!r}; choose from {', '.join(known)}")
+            raise UsageError(f"{_where(path, 'methods')}: unknown method {method!r}; choose from {', '.join(known)}")
     patterns = _dedupe(_pattern(path, "patterns", p) for p in _as_list(path, "patterns", data.get("patterns", "unstructured")))
 
     pruning = [m for m in methods if m != "dense"]
@@ -334,7 +330,7 @@ def load_config(path: str | Path) -> SweepConfig:
     if data.get("sparsities") is not None:
         sparsities = _dedupe(_sparsity(path, "sparsities", s) for s in _as_list(path, "sparsities", data["sparsities"]))
     elif pruning and "unstructured" in patterns:
-        raise _usage(f"config {path}: missing required key 'sparsities' (needed for unstructured pruning)")
+        raise UsageError(f"config {path}: missing required key 'sparsities' (needed for unstructured pruning)")
 
     raw_cal = data.get("calibration") or {}
     _check_keys(path, raw_cal, CALIBRATION_KEYS, "calibration.")
@@ -362,19 +358,19 @@ def load_config(path: str | Path) -> SweepConfig:
         eval_tasks = None
     eval_limit = _number(path, "eval.limit", raw_eval.get("limit"), integer=True, minimum=1, allow_none=True)
     if not eval_ppl and not eval_tasks:
-        raise _usage(f"{_where(path, 'eval')}: nothing to measure; give eval.ppl sources or eval.tasks")
+        raise UsageError(f"{_where(path, 'eval')}: nothing to measure; give eval.ppl sources or eval.tasks")
 
     device = data.get("device", "auto")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise _usage(f"{_where(path, 'device')}: unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
+        raise UsageError(f"{_where(path, 'device')}: unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
     dtype = data.get("dtype", "auto")
     if dtype not in DTYPES:
-        raise _usage(f"{_where(path, 'dtype')}: unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
+        raise UsageError(f"{_where(path, 'dtype')}: unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
     batch_size = _number(path, "batch_size", data.get("batch_size"), integer=True, minimum=1, allow_none=True)
 
     results = data.get("results", f"{path.stem}.jsonl")
     if not isinstance(results, str) or not results.strip():
-        raise _usage(f"{_where(path, 'results')} must be a file path")
+        raise UsageError(f"{_where(path, 'results')} must be a file path")
     results = Path(results).expanduser()
     results = results if results.is_absolute() else path.parent / results
 
@@ -392,37 +388,37 @@ def check_paper(path: Path, paper, config: SweepConfig) -> dict:
     _check_keys(path, paper, PAPER_KEYS, "paper.")
     for key in ("table", "source"):
         if not isinstance(paper.get(key), str) or not paper[key].strip():
-            raise _usage(f"{_where(path, 'paper.' + key)} must be given as text (which table, and where it came from)")
+            raise UsageError(f"{_where(path, 'paper.' + key)} must be given as text (which table, and where it came from)")
     source = paper.get("eval", config.eval_ppl[0] if config.eval_ppl else None)
     if source is not None:
         source = _source(path, "paper.eval", source)
     if source not in config.eval_ppl:
-        raise _usage(f"{_where(path, 'paper.eval')}: {source!r} is not one of eval.ppl ({', '.join(config.eval_ppl)})")
+        raise UsageError(f"{_where(path, 'paper.eval')}: {source!r} is not one of eval.ppl ({', '.join(config.eval_ppl)})")
     table = paper.get("ppl") or {}
     if not isinstance(table, dict):
-        raise _usage(f"{_where(path, 'paper.ppl')} must map model -> method -> numbers")
+        raise UsageError(f"{_where(path, 'paper.ppl')} must map model -> method -> numbers")
     cells = []  # (model, method, pattern, sparsity, value)
     for model, methods in table.items():
         if model not in config.models:
-            raise _usage(f"{_where(path, 'paper.ppl')}: model {model!r} is not in models ({', '.join(config.models)})")
+            raise UsageError(f"{_where(path, 'paper.ppl')}: model {model!r} is not in models ({', '.join(config.models)})")
         if not isinstance(methods, dict):
-            raise _usage(f"{_where(path, f'paper.ppl.{model}')} must map method -> numbers")
+            raise UsageError(f"{_where(path, f'paper.ppl.{model}')} must map method -> numbers")
         for method, values in methods.items():
             key = f"paper.ppl.{model}.{method}"
             if method not in list(METHODS) + ["dense"]:
-                raise _usage(f"{_where(path, key)}: unknown method {method!r}")
+                raise UsageError(f"{_where(path, key)}: unknown method {method!r}")
             if method == "dense":
                 cells.append((model, "dense", "unstructured", 0.0, _number(path, key, values, minimum=0)))
                 continue
             if not isinstance(values, dict):
-                raise _usage(f"{_where(path, key)} must map a sparsity (0.5) or a pattern (\"2:4\") to a number")
+                raise UsageError(f"{_where(path, key)} must map a sparsity (0.5) or a pattern (\"2:4\") to a number")
             for setting, value in values.items():
                 value = _number(path, f"{key}.{setting}", value, minimum=0)
                 if isinstance(setting, str):
                     pattern = _pattern(path, key, setting)
                     n, m = (int(x) for x in pattern.split(":")) if ":" in pattern else (None, None)
                     if n is None:
-                        raise _usage(f"{_where(path, key)}: write unstructured settings as a sparsity such as 0.5")
+                        raise UsageError(f"{_where(path, key)}: write unstructured settings as a sparsity such as 0.5")
                     cells.append((model, method, pattern, n / m, value))
                 else:
                     cells.append((model, method, "unstructured", _sparsity(path, key, setting), value))
@@ -495,11 +491,9 @@ def preflight(config: SweepConfig) -> list[str]:
 
         if not torch.cuda.is_available():
             problems.append(f"device {config.device} was asked for but no CUDA GPU is visible")
-    from .cli import UsageError, build_parser
-
     for run in config.runs():  # every run's flags must parse as `oneshot prune` flags
         try:
-            build_parser().parse_args(run.argv("unused"))
+            cli.build_parser().parse_args(run.argv("unused"))
         except UsageError as exc:
             problems.append(f"{run.label()}: `oneshot prune` does not accept these settings: {exc}")
             break
@@ -524,8 +518,6 @@ def _summary(record: dict) -> str:
 
 def run_one(run: Run, verbose: bool = False):
     """Run one grid point through `oneshot prune`; returns (record or None, one-line failure)."""
-    from . import cli
-
     workdir = tempfile.mkdtemp(prefix="oneshot-sweep-")
     captured = io.StringIO()
     try:
@@ -578,7 +570,7 @@ def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = 
     problems = preflight(config)
     if problems:
         more = f" (and {len(problems) - 1} more; see --dry-run)" if len(problems) > 1 else ""
-        raise _usage(f"{config.path.name} cannot run here: {problems[0]}{more}")
+        raise UsageError(f"{config.path.name} cannot run here: {problems[0]}{more}")
     if not todo:
         say(f"{config.path}: all {len(runs)} runs are already recorded in {results}")
         _report(results, config, say)
@@ -656,31 +648,9 @@ def command(args) -> int:
                      reload=getattr(args, "reload", False))
 
 
-def standalone_main(name: str, add, argv=None) -> int:
-    """`python -m oneshot.sweep ...` / `python -m oneshot.report ...` before the CLI wires them in."""
-    from .cli import UsageError
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-    parser = Parser(prog="oneshot")
-    sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    add(sub)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = parser.parse_args([name, *argv])
-        return args.handler(args)
-    except UsageError as exc:
-        print(f"oneshot: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("oneshot: interrupted", file=sys.stderr)
-        return 130
-
-
 def main(argv=None) -> int:
-    return standalone_main("sweep", add_parser, argv)
+    """`python -m oneshot.sweep ...`, the same as `oneshot sweep ...`."""
+    return cli.dispatch(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
