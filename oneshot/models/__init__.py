@@ -1,0 +1,8 @@
+"""Models: loading (`loading.py`), the family adapter (`adapter.py`) and the structure map (`structure.py`)."""
+from .adapter import ModelError, decoder_blocks, get_weight, model_family, prunable_layers, set_weight
+from .loading import (ALIASES, PRESETS, SMOLLM2_INSTALL, TINY_PRESETS, ByteTokenizer, LoadedModel, build_random_model,
+                      check_model_spec, keep_loaded, load_model, smollm2_path)
+
+__all__ = ["ModelError", "decoder_blocks", "get_weight", "model_family", "prunable_layers", "set_weight", "ALIASES",
+           "PRESETS", "SMOLLM2_INSTALL", "TINY_PRESETS", "ByteTokenizer", "LoadedModel", "build_random_model",
+           "check_model_spec", "keep_loaded", "load_model", "smollm2_path"]
