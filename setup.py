@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="oneshot",
-    version="0.2.0",
+    version="0.3.0",
     description="One-shot pruning of LLMs: faithful SparseGPT, Wanda and magnitude in one streaming engine",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

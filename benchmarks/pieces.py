@@ -21,8 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from oneshot.cli import versions  # noqa: E402
-from oneshot.engine import _forward, _gather_statistics, capture_block_inputs, default_batch_size  # noqa: E402
+from oneshot.record import versions  # noqa: E402
+from oneshot.engine import (BlockVisit, PruneReport, capture_block_inputs, default_batch_size,  # noqa: E402
+                            gather_statistics)
+from oneshot.engine.capture import forward_block  # noqa: E402
 from oneshot.methods import get_method, parse_pattern  # noqa: E402
 from oneshot.methods.sparsegpt import prepare_hessian, sparsegpt_prune  # noqa: E402
 from oneshot.models import decoder_blocks, get_weight, load_model, prunable_layers  # noqa: E402
@@ -78,17 +80,21 @@ def main(argv=None) -> int:
         captured[size] = cap
         calls = cap.calls[args.block]
         rows.append((f"block forward, {size} x {args.seqlen} tokens per batch",
-                     timed(lambda: [_forward(block, h, c, device) for h, c in zip(cap.hidden, calls)], device)))
+                     timed(lambda: [forward_block(block, h, c, device) for h, c in zip(cap.hidden, calls)], device)))
     cap = captured[default] if default in captured else captured[sizes[0]]
     calls = cap.calls[args.block]
+
+    def gather(method):
+        visit = BlockVisit(args.block, block, layers, torch.device(device), method, {}, pattern, {}, cap,
+                           PruneReport(), last=False)
+        gather_statistics(visit)
+        return visit.stats
 
     stats = {}
     for name in ("wanda", "sparsegpt"):
         method = get_method(name)
-        rows.append((f"statistics pass, {name} (forward with hooks)",
-                     timed(lambda: _gather_statistics(block, layers, method.statistic, cap.hidden, calls, device,
-                                                      args.block), device)))
-        stats[name] = _gather_statistics(block, layers, method.statistic, cap.hidden, calls, device, args.block)
+        rows.append((f"statistics pass, {name} (forward with hooks)", timed(lambda: gather(method), device)))
+        stats[name] = gather(method)
 
     rows.append(("Hessian accumulation (the two passes' difference)", rows[-1][1] - rows[-2][1]))
     hessians = {id(s): s for s in stats["sparsegpt"].values()}

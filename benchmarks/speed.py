@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from oneshot.cli import versions  # noqa: E402
+from oneshot.record import versions  # noqa: E402
 from oneshot.engine import prune_model  # noqa: E402
 from oneshot.methods import get_method, parse_pattern  # noqa: E402
 from oneshot.models import decoder_blocks, get_weight, load_model, prunable_layers  # noqa: E402

@@ -1,16 +1,26 @@
 """oneshot: one-shot pruning of large language models.
 
-    from oneshot import load_model, prune_model, get_method, parse_pattern
-    loaded = load_model("smollm2-135m")
-    report = prune_model(loaded.model, get_method("sparsegpt"), 0.5, parse_pattern("2:4"), input_ids)
+    from oneshot import RunSpec, run
+    record = run(RunSpec(method="wanda", sparsity=0.5, pattern="2:4", output="runs/wanda"))
 
-The methods are pure tensor functions (oneshot.methods); the engine streams one block at a time.
+`run(RunSpec) -> Record` is the one way a run happens (api.py); the methods are pure tensor functions
+(oneshot.methods); the engine streams one block at a time (oneshot.engine). Names are imported on
+first use, so that `oneshot --help` (and Ctrl-C at any moment) does not wait for torch to load.
 """
-__version__ = "0.2.0"
+import importlib
 
-from .engine import PruneReport, measure_sparsity, prune_model
-from .methods import METHODS, get_method, parse_pattern
-from .models import load_model
+__version__ = "0.3.0"
 
-__all__ = ["__version__", "load_model", "prune_model", "measure_sparsity", "PruneReport", "METHODS",
-           "get_method", "parse_pattern"]
+_EXPORTS = {
+    "run": "api", "RunSpec": "spec", "Calibration": "spec", "Evaluation": "spec", "validate": "spec",
+    "Record": "record", "UsageError": "errors", "RunError": "errors", "load_model": "models",
+    "prune_model": "engine", "measure_sparsity": "engine", "PruneReport": "engine", "METHODS": "methods",
+    "get_method": "methods", "parse_pattern": "methods",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'oneshot' has no attribute {name!r}")

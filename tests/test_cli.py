@@ -136,7 +136,7 @@ def test_versions_name_the_source_commit_of_a_checkout():
     import subprocess
     from pathlib import Path
 
-    from oneshot.cli import versions
+    from oneshot.record import versions
 
     root = Path(__file__).resolve().parent.parent
     found = versions()

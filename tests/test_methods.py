@@ -164,7 +164,7 @@ def test_sparsegpt_matches_column_by_column_obs(pattern, sparsity, blocksize, se
     assert "percdamp" not in result.info  # noted only when damping had to grow
 
     rows, cols = weight.shape
-    if pat.structured:
+    if pat.is_nm:
         assert_nm(result.mask, result.weight, pat.n, pat.m)
     else:
         # Inclusive threshold at rank floor(numel*p) in each block: with no ties among the
@@ -613,9 +613,9 @@ def test_magnitude_zero_sparsity_prunes_nothing():
 
 def test_parse_pattern_accepts():
     assert parse_pattern("unstructured") == Pattern()
-    assert not parse_pattern("unstructured").structured
+    assert not parse_pattern("unstructured").is_nm
     p = parse_pattern("2:4")
-    assert (p.n, p.m, p.structured, p.sparsity) == (2, 4, True, 0.5)
+    assert (p.n, p.m, p.is_nm, p.sparsity) == (2, 4, True, 0.5)
     p = parse_pattern("4:8")
     assert (p.n, p.m, p.sparsity) == (4, 8, 0.5)
     assert str(parse_pattern("2:4")) == "2:4"

@@ -61,15 +61,14 @@ def test_pruned_gguf_model_saves_and_reloads_bitwise(smollm2, tmp_path):
     """The embedded model comes from a GGUF file; its pruned copy must save as a plain checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from oneshot.cli import save_model
-    from oneshot.models import LoadedModel
+    from oneshot.export import save_model
 
     model = copy.deepcopy(smollm2.model)
     prune_model(model, get_method("magnitude"), 0.5, parse_pattern("2:4"), None, progress=False)
     record = {"model": "smollm2-135m", "model_source": smollm2.source, "method": "magnitude", "pattern": "2:4",
               "sparsity_target": 0.5, "sparsity_measured": 0.5, "calibration": None, "seed": 0, "ppl": {},
               "versions": {}}
-    save_model(LoadedModel(model, smollm2.tokenizer, "smollm2-135m", smollm2.source), record, str(tmp_path / "m"))
+    save_model(model, smollm2.tokenizer, record, str(tmp_path / "m"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name

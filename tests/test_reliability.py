@@ -158,7 +158,7 @@ def test_failed_save_leaves_no_partial_model(tmp_path, capsys, monkeypatch):
 
 
 def test_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
-    from oneshot import atomic, cli
+    from oneshot import atomic
 
     target = tmp_path / "result.json"
     target.write_text('{"old": true}')
@@ -168,7 +168,7 @@ def test_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomic.os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        cli.write_json_atomic(target, {"new": True})
+        atomic.write_atomic(target, b'{"new": true}')
     assert json.loads(target.read_text()) == {"old": True} and list(tmp_path.iterdir()) == [target]
 
 

@@ -1,7 +1,8 @@
-"""The pruning methods as pure tensor functions, and the registry the engine and CLI use.
+"""The pruning methods as pure tensor functions, and the registry the engine and the run API use.
 
-Each method declares which input statistic it needs (or none); the engine accumulates that
-statistic from each linear layer's inputs and calls `prune(weight, statistic, sparsity, pattern)`.
+Each method declares which input statistic it needs (or none) and its options (name, type, default,
+range, next to its maths); the engine accumulates that statistic from each linear layer's inputs and
+calls `prune(weight, statistic, sparsity, pattern, **options)`.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Callable, Optional
 
 from .magnitude import magnitude_prune
 from .masks import PatternError, Pattern, PruneResult, check_sparsity, parse_pattern
-from .sparsegpt import InverseHessian, NumericsError, prepare_hessian, sparsegpt_prune
+from .options import Option, OptionError, check_options
+from .sparsegpt import SPARSEGPT_OPTIONS, InverseHessian, NumericsError, prepare_hessian, sparsegpt_prune
 from .statistics import ActSqNorm, Hessian
 from .wanda import wanda_prune
 
@@ -23,11 +25,21 @@ class Method:
     summary: str
     # Work done once per statistic, shared by every layer reading the same input: (value, **options).
     prepare: Optional[Callable] = None
+    options: tuple[Option, ...] = ()
+
+    def check_options(self, given: dict | None) -> dict:
+        """The given options, typed; OptionError (one line naming the allowed ones) for anything else."""
+        return check_options(f"method {self.name}", self.options, given)
+
+
+def _unchanged(weight, _statistic, _sparsity, _pattern):
+    return PruneResult(weight, weight == 0, {})
 
 
 METHODS = {
+    "dense": Method("dense", None, _unchanged, "no pruning: the model as it is"),
     "magnitude": Method(
-        "magnitude", None, lambda w, _stat, p, pattern, **kw: magnitude_prune(w, p, pattern, **kw),
+        "magnitude", None, lambda w, _stat, p, pattern: magnitude_prune(w, p, pattern),
         "drop the smallest |W|; one threshold per matrix",
     ),
     "wanda": Method(
@@ -37,7 +49,7 @@ METHODS = {
     "sparsegpt": Method(
         "sparsegpt", Hessian, sparsegpt_prune,
         "OBS reconstruction with the inverse Hessian, lazy block updates, adaptive masks",
-        prepare=prepare_hessian,
+        prepare=prepare_hessian, options=SPARSEGPT_OPTIONS,
     ),
 }
 
@@ -46,12 +58,11 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise PatternError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} (or dense)") from None
+        raise PatternError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
 __all__ = [
-    "METHODS", "Method", "get_method", "Pattern", "PatternError", "PruneResult", "NumericsError",
-    "parse_pattern", "check_sparsity", "magnitude_prune", "wanda_prune", "sparsegpt_prune", "prepare_hessian",
-    "InverseHessian",
-    "Hessian", "ActSqNorm",
+    "METHODS", "Method", "get_method", "Pattern", "PatternError", "PruneResult", "NumericsError", "Option",
+    "OptionError", "check_options", "parse_pattern", "check_sparsity", "magnitude_prune", "wanda_prune",
+    "sparsegpt_prune", "prepare_hessian", "InverseHessian", "SPARSEGPT_OPTIONS", "Hessian", "ActSqNorm",
 ]

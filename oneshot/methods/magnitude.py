@@ -8,7 +8,7 @@ from .masks import Pattern, PruneResult, compute_dtype, nm_mask, threshold_mask
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
     scores = weight.abs().to(compute_dtype(weight.dtype))
-    if pattern.structured:
+    if pattern.is_nm:
         return nm_mask(scores, pattern)
     return threshold_mask(scores, sparsity)
 

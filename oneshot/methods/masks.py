@@ -40,7 +40,8 @@ class Pattern:
     m: int = 0  # group size
 
     @property
-    def structured(self) -> bool:
+    def is_nm(self) -> bool:
+        """N:M (semi-structured). "Structured" is kept for removing heads, channels or blocks."""
         return self.m > 0
 
     @property
@@ -48,10 +49,10 @@ class Pattern:
         return self.n / self.m
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.structured else "unstructured"
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
 
     def check_width(self, columns: int, name: str = "layer") -> None:
-        if self.structured and columns % self.m:
+        if self.is_nm and columns % self.m:
             raise PatternError(
                 f"pattern {self} needs the input width to be a multiple of {self.m}, "
                 f"but {name} has {columns} inputs; choose an M that divides {columns}"

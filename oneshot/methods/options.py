@@ -39,7 +39,7 @@ class Option:
 
     def convert(self, value, owner: str):
         """The typed value, or OptionError naming the option and what it accepts."""
-        bad = OptionError(f"{owner} option {self.name}={value!r} is not valid; expected {self.describe()}")
+        bad = OptionError(f"{owner} option {self.name}={value} is not valid; expected {self.describe()}")
         if self.type is bool:
             if isinstance(value, bool):
                 typed = value

@@ -16,6 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from .masks import Pattern, PruneResult, compute_dtype, threshold_mask
+from .options import Option
+
+SPARSEGPT_OPTIONS = (
+    Option("percdamp", float, 0.01, "damping, as a fraction of mean(diag H) added to the diagonal", above=0.0),
+    Option("blocksize", int, 128, "columns per lazy-update block (N:M rounds it down to a multiple of M)", minimum=1),
+    Option("max_percdamp", float, 10.0, "give up once damping would exceed this fraction", above=0.0),
+    Option("kernel", str, "auto", "column loop: auto (fused Triton block on CUDA when it passes its "
+           "self-check) or torch", choices=("auto", "torch")),
+)
 
 
 class NumericsError(RuntimeError):
@@ -67,19 +76,20 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     kernel: str = "auto",
+    max_percdamp: float = 10.0,
 ) -> PruneResult:
     """Prune and reconstruct one weight [outputs, inputs]; the new weight keeps its dtype.
 
     kernel: "torch" runs the column loop in PyTorch; "auto" uses the fused Triton block on CUDA when
     it is available and has passed its first-use self-check, else the PyTorch loop.
     """
-    inverse = hessian if isinstance(hessian, InverseHessian) else prepare_hessian(hessian, percdamp)
+    inverse = hessian if isinstance(hessian, InverseHessian) else prepare_hessian(hessian, percdamp, max_percdamp)
     U = inverse.upper
     compute = compute_dtype(weight.dtype, U.dtype)
     U = U.to(compute)
     Wt = weight.detach().to(compute).t().contiguous()  # [cols, rows]
     cols, rows = Wt.shape
-    if pattern.structured:
+    if pattern.is_nm:
         pattern.check_width(cols)
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)  # N:M groups never straddle blocks
     Wt[inverse.dead] = 0

@@ -17,7 +17,7 @@ def wanda_scores(weight: torch.Tensor, act_sq_norm: torch.Tensor) -> torch.Tenso
 
 def wanda_mask(weight: torch.Tensor, act_sq_norm: torch.Tensor, sparsity: float, pattern: Pattern) -> torch.Tensor:
     scores = wanda_scores(weight, act_sq_norm)
-    if pattern.structured:
+    if pattern.is_nm:
         return nm_mask(scores, pattern)
     return row_mask(scores, sparsity)
 

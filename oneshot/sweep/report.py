@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cli  # cli imports this module only inside its functions
-from .atomic import write_atomic
-from .cli import UsageError
+from ..atomic import write_atomic
+from ..errors import UsageError
+from .store import read_results
 
 METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt")
 DENSE_PATTERN = "-"
@@ -35,8 +35,6 @@ ZEROSHOT = "zero-shot mean acc"
 
 def load_records(path: Path) -> tuple[list[dict], int]:
     """Records of a results JSONL, the last one per run_key; and the number of unreadable lines."""
-    from .sweep import read_results
-
     if not path.is_file():
         raise UsageError(f"results {path}: no such file")
     records, bad = read_results(path)
@@ -324,45 +322,3 @@ def make_report(results: Path, out_dir: Path | None = None, paper: dict | None =
         written["no_png"] = "matplotlib is not installed (pip install 'oneshot[plot]'); no PNG written"
     print(markdown, file=out)
     return written
-
-
-def add_parser(subparsers):
-    p = subparsers.add_parser(
-        "report", help="markdown/CSV tables and a plot from sweep results",
-        description="Tables (rows model/method/pattern, columns sparsity) and a ppl-vs-sparsity plot from a "
-                    "sweep's results; with paper numbers, paper | ours | difference.")
-    p.add_argument("results", metavar="RESULTS",
-                   help="results JSONL, or a sweep CONFIG.yaml (its results file and its paper block)")
-    p.add_argument("--paper", metavar="CONFIG.yaml", default=None,
-                   help="compare with the paper numbers in this sweep config's `paper` block")
-    p.add_argument("--out", metavar="DIR", default=None, help="directory for the report files (default: next to RESULTS)")
-    p.set_defaults(handler=command)
-    return p
-
-
-def command(args) -> int:
-    from .sweep import load_config
-
-    target = Path(args.results).expanduser()
-    paper = None
-    if target.suffix.lower() in (".yaml", ".yml"):
-        config = load_config(target)
-        target, paper = config.results, config.paper
-    if args.paper:
-        config = load_config(args.paper)
-        if config.paper is None:
-            raise UsageError(f"--paper {args.paper}: that config has no `paper` block")
-        paper = config.paper
-    written = make_report(target, Path(args.out).expanduser() if args.out else None, paper)
-    for kind, path in written.items():
-        print(path if kind == "no_png" else f"wrote {path}", file=sys.stderr)
-    return 0
-
-
-def main(argv=None) -> int:
-    """`python -m oneshot.report ...`, the same as `oneshot report ...`."""
-    return cli.dispatch(["report", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

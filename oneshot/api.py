@@ -1,0 +1,235 @@
+"""The one way a run happens: `run(RunSpec) -> Record`, from the CLI, a sweep, a worker or Python.
+
+    from oneshot import RunSpec, run
+    record = run(RunSpec(method="wanda", sparsity=0.5, pattern="2:4"))
+    record.ppl["wiki-offline"], record.sparsity_measured
+
+run() validates the spec (spec.validate), loads the model (or takes `loaded`), samples calibration
+windows, allocates per-layer targets, prunes through the engine, evaluates, then writes what the spec
+asks for (result.json, the saved model). It prints nothing: progress bars aside, it reports through
+the `oneshot` logger, and failures are UsageError (bad input) or RunError (the run could not finish).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from .errors import RunError, UsageError
+from .record import Record, provenance
+from .spec import FLAG_NAMES, Plan, RunSpec, validate
+
+log = logging.getLogger("oneshot")
+
+
+def run(spec: RunSpec, loaded=None, names: dict | None = None) -> Record:
+    """Run `spec`; `loaded` is a models.LoadedModel to use instead of loading (a sweep's copy).
+    `names` spells fields in messages as the caller's user knows them (flags by default)."""
+    plan = validate(spec, names)
+    if spec.offline:  # before anything can import datasets or probe the Hub
+        from .evaluate.zeroshot import configure_offline
+
+        configure_offline(force=True)
+    import torch
+
+    from calibration import SourceError
+    from .checkpoint import CheckpointError
+    from .engine import ResourceError
+    from .evaluate.zeroshot import ZeroShotError
+    from .methods import NumericsError, PatternError
+    from .models import ModelError
+
+    try:
+        return _run(plan, loaded)
+    except (SourceError, ModelError, PatternError, ZeroShotError) as exc:
+        raise UsageError(str(exc)) from None
+    except (NumericsError, ResourceError, CheckpointError) as exc:
+        raise RunError(str(exc)) from None
+    except torch.cuda.OutOfMemoryError:
+        raise RunError("CUDA ran out of memory; lower --batch-size, --nsamples or --seqlen, or use --device cpu") from None
+
+
+def _run(plan: Plan, loaded) -> Record:
+    import torch
+
+    spec, device = plan.spec, plan.device
+    timings: dict[str, float] = {}
+    if loaded is None:
+        loaded = _load(spec, plan.dtype, timings)
+    else:
+        timings["load_s"] = 0.0
+    model, tokenizer = loaded.model, loaded.tokenizer
+    seqlen = _check_against_model(model, plan)
+
+    calibration, ids = None, None
+    if plan.needs_calibration:
+        ids, calibration = _calibration(plan, model, tokenizer, seqlen, timings)
+        seqlen = seqlen or int(ids.shape[1])  # a tokens: file sets it for evaluation too
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    targets = _allocate(plan, model, ids)
+    report = _prune(plan, model, targets, ids)
+    if spec.kind == "prune":  # an eval run only measures the sparsity it finds
+        timings["prune_s"] = report.timings["prune_s"]
+    ppl, windows, zeroshot = _evaluate(plan, loaded, seqlen, timings)
+
+    # An eval run's record names what the model is: a saved model's lineage says how it was pruned.
+    lineage = _lineage(spec.model) if spec.kind == "eval" else None
+    method, pattern, sparsity_target = spec.method, str(plan.pattern), plan.sparsity
+    if lineage is not None:
+        method = lineage.get("method", "unknown")
+        pattern = lineage.get("pattern", "unknown")
+        sparsity_target = lineage.get("sparsity_target", 0.0)
+    record = Record(
+        model=spec.model, model_source=loaded.source,
+        family=getattr(model.config, "model_type", type(model).__name__),
+        method=method, pattern=pattern, sparsity_target=sparsity_target,
+        sparsity_measured=report.sparsity, sparsity_per_layer=report.layer_sparsity,
+        method_notes=report.layer_info, ppl=ppl, eval={"windows": windows, "max_windows": spec.eval.samples},
+        zeroshot=zeroshot, calibration=calibration, seed=spec.seed,
+        **provenance(device, plan.dtype, timings, spec.to_argv()),
+        options=plan.method_options,
+        allocation={"name": plan.allocation.name, "options": plan.allocation_options},
+        sparsity_target_per_layer=report.layer_target, lineage=lineage,
+    )
+    if spec.save_model:
+        from .export import save_model
+
+        save_model(model, tokenizer, record.to_dict(), spec.save_model)
+        log.info(f"saved the pruned model to {spec.save_model}")
+    if spec.output:
+        path = record.write(spec.output)
+        log.info(f"wrote {path}")
+    return record
+
+
+def _load(spec: RunSpec, dtype, timings: dict):
+    from .models import load_model
+
+    log.info(f"loading {spec.model} ({str(dtype).replace('torch.', '')})")
+    start = time.perf_counter()
+    loaded = load_model(spec.model, dtype=dtype, seed=spec.seed)
+    timings["load_s"] = time.perf_counter() - start
+    return loaded
+
+
+def _check_against_model(model, plan: Plan) -> int | None:
+    """Checks that need the model (layer widths, positions); returns the seqlen to use (None: a
+    tokens: file's own width)."""
+    from .engine import check_pattern
+
+    check_pattern(model, plan.pattern)
+    spec = plan.spec
+    seqlen = spec.calibration.seqlen
+    if seqlen is None and spec.kind == "prune" and not spec.calibration.source.startswith("tokens:"):
+        seqlen = 2048
+    checked = seqlen or (2048 if any(not s.startswith("tokens:") for s in plan.eval_sources) else None)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if checked and limit and checked > limit:
+        flag = FLAG_NAMES["calibration.seqlen"]
+        raise UsageError(f"{flag} {checked} exceeds the model's {limit} positions; pass {flag} {limit} or less")
+    return seqlen
+
+
+def _calibration(plan: Plan, model, tokenizer, seqlen, timings):
+    from calibration import calibration_windows
+    from .engine import check_memory
+
+    spec = plan.spec
+    source = spec.calibration.source
+    if seqlen and not source.startswith("tokens:"):  # before sampling anything
+        check_memory(model, spec.calibration.nsamples or 128, seqlen, plan.device, spec.batch_size)
+    start = time.perf_counter()
+    ids = calibration_windows(source, tokenizer, spec.calibration.nsamples, seqlen, spec.seed)
+    check_token_range(ids, model, source)
+    if source.startswith("tokens:"):
+        check_memory(model, int(ids.shape[0]), int(ids.shape[1]), plan.device, spec.batch_size)
+    timings["calibration_s"] = time.perf_counter() - start
+    log.info(f"calibration: {ids.shape[0]} windows x {ids.shape[1]} tokens from {source}")
+    return ids, {"source": source, "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": spec.seed}
+
+
+def _allocate(plan: Plan, model, ids) -> dict[str, float]:
+    """Per-layer targets from the plan's allocation (uniform: the target everywhere)."""
+    from .engine import stream_statistics
+    from .models import decoder_blocks, get_weight, prunable_layers
+
+    layers = {f"{i}.{name}": get_weight(layer).numel()
+              for i, block in enumerate(decoder_blocks(model)) for name, layer in prunable_layers(block).items()}
+
+    def statistics(statistic):
+        return stream_statistics(model, statistic, ids, plan.device, plan.spec.batch_size, plan.spec.progress)
+
+    targets = plan.allocation.allocate(layers, plan.sparsity, plan.pattern, statistics, **plan.allocation_options)
+    if plan.allocation.name != "uniform":
+        weighted = sum(targets[k] * n for k, n in layers.items()) / sum(layers.values())
+        log.info(f"allocation {plan.allocation.name}: per-layer targets from {min(targets.values()):.3f} to "
+                 f"{max(targets.values()):.3f}, parameter-weighted mean {weighted:.4f}")
+    return targets
+
+
+def _prune(plan: Plan, model, targets, ids):
+    from .checkpoint import Checkpoint
+    from .engine import prune_model
+
+    spec = plan.spec
+    checkpoint = None
+    if spec.checkpoint_dir:
+        checkpoint = Checkpoint(spec.checkpoint_dir, {"model": spec.model, "dtype": str(plan.dtype), "seed": spec.seed})
+    return prune_model(model, plan.method, targets, plan.pattern, ids if plan.method.statistic else None,
+                       device=plan.device, batch_size=spec.batch_size, options=plan.method_options,
+                       progress=spec.progress, checkpoint=checkpoint)
+
+
+def _evaluate(plan: Plan, loaded, seqlen, timings) -> tuple[dict, dict, dict | None]:
+    """Perplexity on each source, then zero-shot tasks, on the model in memory.
+    Returns (ppl, windows, zeroshot record or None); adds eval_s and zeroshot_s to timings."""
+    from calibration import evaluation_windows
+    from .evaluate.perplexity import perplexity
+    from .evaluate.zeroshot import default_batch_size, evaluate_zeroshot
+
+    spec, device = plan.spec, plan.device
+    model, tokenizer, progress = loaded.model, loaded.tokenizer, spec.progress
+    ppl, windows = {}, {}
+    start = time.perf_counter()
+    if plan.eval_sources:
+        model.to(device)
+        try:
+            for source in plan.eval_sources:
+                eval_ids = evaluation_windows(source, tokenizer, seqlen, spec.eval.samples)
+                check_token_range(eval_ids, model, source)
+                windows[source] = list(eval_ids.shape)
+                ppl[source] = perplexity(model, eval_ids, device, batch_size=1, progress=progress)
+                log.info(f"perplexity {source}: {ppl[source]:.3f} ({eval_ids.shape[0]} windows x {eval_ids.shape[1]})")
+        finally:
+            model.to("cpu")
+    timings["eval_s"] = time.perf_counter() - start
+    zeroshot = None
+    if plan.zeroshot is not None:
+        start = time.perf_counter()
+        batch = spec.eval.batch_size
+        batch = default_batch_size(device) if batch is None else (batch if batch == "auto" else int(batch))
+        log.info(f"zero-shot: {', '.join(plan.zeroshot.names)} (lm-eval, batch size {batch}"
+                 + (f", at most {spec.eval.limit} documents each)" if spec.eval.limit else ")"))
+        try:
+            zeroshot = evaluate_zeroshot(model, tokenizer, plan.zeroshot, device=device, batch_size=batch,
+                                         limit=spec.eval.limit, progress=progress)
+        finally:
+            model.to("cpu")
+        timings["zeroshot_s"] = time.perf_counter() - start
+    return ppl, windows, zeroshot
+
+
+def _lineage(model: str) -> dict | None:
+    card = Path(model).expanduser() / "oneshot.json"
+    if not card.is_file():
+        return None
+    return json.loads(card.read_text())
+
+
+def check_token_range(ids, model, source) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise UsageError(f"{source} has token id {int(ids.max())} but the model's vocabulary has {vocab} entries; "
+                         "it was tokenised for another model")

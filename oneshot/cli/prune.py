@@ -1,0 +1,156 @@
+"""`oneshot prune` and `oneshot eval`: flags (over an optional `--config RUN.yaml`) into a RunSpec,
+then `api.run`, then the table. Flags given on the command line override the config's values."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..errors import UsageError
+from ..spec import DTYPES, RunSpec, source_list, spec_from_mapping
+
+# flag dest -> RunSpec field ("calibration.x" and "eval.x" for the nested ones)
+_FIELDS = {
+    "model": "model", "method": "method", "sparsity": "sparsity", "pattern": "pattern", "allocation": "allocation",
+    "calibration": "calibration.source", "nsamples": "calibration.nsamples", "seqlen": "calibration.seqlen",
+    "seed": "seed", "eval_ppl": "eval.ppl", "eval_samples": "eval.samples", "eval_tasks": "eval.tasks",
+    "eval_limit": "eval.limit", "eval_batch_size": "eval.batch_size", "device": "device", "dtype": "dtype",
+    "batch_size": "batch_size", "output": "output", "save_model": "save_model", "overwrite": "overwrite",
+    "checkpoint_dir": "checkpoint_dir", "resume": "resume", "offline": "offline",
+}
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-ppl", help="comma-separated perplexity sources (same names as --calibration); 'none' to "
+                                      "skip (default wiki-offline)")
+    p.add_argument("--eval-samples", type=int, help="evaluate at most this many windows per source (default: all)")
+    p.add_argument("--eval-tasks",
+                   help="zero-shot accuracy through lm-eval on the model in memory: a suite (offline | wanda | "
+                        "sparsegpt) or comma-separated lm-eval task names; 'none' to skip (default)")
+    p.add_argument("--eval-limit", type=int, help="evaluate at most this many documents per zero-shot task")
+    p.add_argument("--eval-batch-size", help="lm-eval batch size: a whole number or auto (default: 8 on CPU, 32 on CUDA)")
+    p.add_argument("--offline", action="store_true",
+                   help="never contact the Hugging Face Hub (also automatic when it is unreachable)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", help=" | ".join(DTYPES) + " (default auto: float32 on CPU)")
+    p.add_argument("--output", help="directory for result.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_prune_parser(commands) -> None:
+    p = commands.add_parser("prune", help="prune a model and measure it", argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="RUN.yaml", help="read the run from a YAML file; flags override its values")
+    p.add_argument("--model", help="built-in alias (smollm2-135m, the default), random:<preset>, a .gguf file, a "
+                                   "local directory or a Hub id")
+    p.add_argument("--method", help="dense | magnitude | wanda | sparsegpt (default sparsegpt)")
+    p.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a method or allocation option, e.g. percdamp=0.1 (repeatable)")
+    p.add_argument("--sparsity", type=float,
+                   help="fraction of weights to prune, in [0, 1); default 0.5 (N:M patterns fix it to N/M)")
+    p.add_argument("--pattern", help="unstructured (default) or N:M (N of every M inputs pruned), e.g. 2:4")
+    p.add_argument("--allocation", help="per-layer sparsity: uniform (default)")
+    p.add_argument("--calibration", help="wiki-offline (default) | c4 | wikitext2 | ptb | file:PATH | tokens:PATH")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 128; all rows for tokens:)")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default 2048; the file's for tokens:)")
+    p.add_argument("--seed", type=int, help="seed for calibration sampling and random models (default 0)")
+    p.add_argument("--batch-size", type=int,
+                   help="sequences per block forward (default: about 16k tokens per batch on CUDA, 4k on CPU)")
+    _common_arguments(p)
+    p.add_argument("--save-model", help="directory for the pruned model (safetensors) and its card")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of existing output directories")
+    p.add_argument("--checkpoint-dir", help="save each finished block here, so that a killed run can continue "
+                                            "with --resume")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    p.set_defaults(handler=prune_command)
+
+
+def add_eval_parser(commands) -> None:
+    p = commands.add_parser("eval", help="measure a dense or saved pruned model (perplexity, zero-shot accuracy)",
+                            argument_default=argparse.SUPPRESS)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="as for prune (default smollm2-135m): alias, random:<preset>, .gguf, "
+                                       "directory or Hub id")
+    which.add_argument("--pruned", help="a directory written by `oneshot prune --save-model`")
+    p.add_argument("--seqlen", type=int, help="tokens per perplexity window (default 2048)")
+    p.add_argument("--seed", type=int, help="seed for random models (default 0)")
+    _common_arguments(p)
+    p.set_defaults(handler=eval_command)
+
+
+def spec_from_args(args: argparse.Namespace, base: RunSpec) -> RunSpec:
+    """`base` with every flag that was given applied on top."""
+    given = vars(args)
+    top, calibration, evaluation = {}, dataclasses.replace(base.calibration), dataclasses.replace(base.eval)
+    for dest, field in _FIELDS.items():
+        if dest not in given:
+            continue
+        value = given[dest]
+        if dest == "eval_ppl":
+            value = tuple(source_list(value, "--eval-ppl"))
+        if field.startswith("calibration."):
+            setattr(calibration, field.split(".")[1], value)
+        elif field.startswith("eval."):
+            setattr(evaluation, field.split(".")[1], value)
+        else:
+            top[field] = value
+    if "option" in given:
+        options = dict(base.options)
+        for item in given["option"]:
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise UsageError(f"--option {item!r} is not NAME=VALUE (for example --option percdamp=0.1)")
+            options[name.strip()] = value.strip()
+        top["options"] = options
+    if given.get("quiet"):
+        top["progress"] = False
+    return base.replace(calibration=calibration, eval=evaluation, **top)
+
+
+def prune_command(args) -> int:
+    from ..api import run
+    from ..yamlio import read_yaml
+
+    base = RunSpec()
+    if "config" in vars(args):
+        path = Path(args.config).expanduser()
+        base = spec_from_mapping(read_yaml(path, "run config"), f"run config {path}", relative_to=path.parent.resolve())
+    record = run(spec_from_args(args, base))
+    print_table(record.to_dict())
+    return 0
+
+
+def eval_command(args) -> int:
+    from ..api import run
+
+    given = vars(args)
+    if "pruned" in given:
+        if not (Path(args.pruned) / "config.json").is_file():
+            raise UsageError(f"--pruned {args.pruned} is not a model directory written by --save-model "
+                             "(no config.json)")
+        args.model = args.pruned
+    spec = spec_from_args(args, RunSpec(kind="eval", method="dense"))
+    record = run(spec)
+    print_table(record.to_dict())
+    return 0
+
+
+def print_table(result: dict) -> None:
+    sources = list(result["ppl"])
+    zeroshot = result.get("zeroshot")
+    header = ["method", "pattern", "sparsity"] + [f"ppl {s}" for s in sources]
+    row = [result["method"], result["pattern"], f"{result['sparsity_measured']:.4f}"]
+    row += [f"{result['ppl'][s]:.3f}" for s in sources]
+    if zeroshot is not None:
+        header.append("mean acc")
+        row.append("-" if zeroshot["mean_acc"] is None else f"{zeroshot['mean_acc']:.4f}")
+    if result["timings"].get("prune_s"):
+        header.append("prune s")
+        row.append(f"{result['timings']['prune_s']:.1f}")
+    widths = [max(len(h), len(c)) for h, c in zip(header, row)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    if zeroshot is not None:
+        from ..evaluate.zeroshot import format_table
+
+        print()
+        print("\n".join(format_table(zeroshot)))

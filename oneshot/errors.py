@@ -1,0 +1,19 @@
+"""The two ways a run ends early, each reported as one line by whoever called it.
+
+UsageError: bad input, found before work where possible (exit status 2 from the CLI).
+RunError: a run that started but cannot finish: memory, numerics, a foreign checkpoint (exit status 1).
+"""
+
+
+class UsageError(Exception):
+    """Bad input; the message is one line saying what to change."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # nested library messages can carry newlines
+
+
+class RunError(Exception):
+    """A run that started but cannot finish; the message is one line saying what to change."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

@@ -1,0 +1,4 @@
+"""Writing pruned models: the Hugging Face checkpoint with its lineage card (hf.py)."""
+from .hf import lineage_card, save_model
+
+__all__ = ["save_model", "lineage_card"]

@@ -1,0 +1,75 @@
+"""A `from_pretrained`-loadable checkpoint (safetensors) with a lineage card, written then renamed.
+
+The card is `oneshot.json` (machine-readable: base model, method, options, sparsity, calibration,
+metrics, versions) and `README.md` (the same for people). The model is written to a hidden temporary
+directory beside the target and renamed into place, so a failure leaves no partial model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+LINEAGE_KEYS = ("model", "model_source", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
+                "seed", "ppl", "versions", "options", "allocation")
+
+
+def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            hf_logging.enable_progress_bar()
+        tokenizer.save_pretrained(tmp)
+        lineage = {key: record[key] for key in LINEAGE_KEYS if key in record}
+        if record.get("zeroshot"):
+            lineage["zeroshot"] = {key: record["zeroshot"][key] for key in ("suite", "limit", "mean_acc", "tasks")}
+        (tmp / "oneshot.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        (tmp / "README.md").write_text(lineage_card(lineage))
+        old = None
+        if final.exists():  # empty, or --overwrite: swap, so a model is in place at every moment
+            old = final.with_name(f".{final.name}.old")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def lineage_card(lineage: dict) -> str:
+    calibration = lineage["calibration"] or {}
+    lines = [
+        f"# {lineage['model']} pruned with {lineage['method']}",
+        "",
+        "Made by oneshot (one-shot pruning of LLMs). Lineage:",
+        "",
+        f"- base model: `{lineage['model']}` ({lineage['model_source']})",
+        f"- method: {lineage['method']}, pattern: {lineage['pattern']}, target sparsity: {lineage['sparsity_target']}",
+    ]
+    if lineage.get("options"):
+        lines.append("- options: " + ", ".join(f"{k}={v}" for k, v in lineage["options"].items()))
+    allocation = lineage.get("allocation") or {}
+    if allocation.get("name", "uniform") != "uniform":
+        lines.append(f"- allocation: {allocation['name']} {allocation.get('options') or ''}".rstrip())
+    lines += [
+        f"- measured sparsity of the pruned layers: {lineage['sparsity_measured']:.4f}",
+        f"- calibration: {calibration.get('source', 'none')}, {calibration.get('nsamples', 0)} x "
+        f"{calibration.get('seqlen', 0)} tokens, seed {lineage['seed']}",
+    ]
+    lines += [f"- perplexity on {source}: {value:.3f}" for source, value in lineage["ppl"].items()]
+    if lineage.get("zeroshot") and lineage["zeroshot"]["mean_acc"] is not None:
+        zeroshot = lineage["zeroshot"]
+        limit = f", at most {zeroshot['limit']} documents per task" if zeroshot["limit"] else ""
+        lines.append(f"- zero-shot mean accuracy ({zeroshot['suite']}{limit}): {zeroshot['mean_acc']:.4f}")
+    lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in lineage["versions"].items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Record: what one run measured and how, serialised as result.json (and as one line of a sweep).
+
+The keys are those of 0.2.0's result.json, with new ones added and none renamed; `schema_version`
+says which shape a record has (0.2.0 records carry none: version 1). Provenance (versions, device,
+peak memory, the source commit) is gathered here so that every record carries it the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from . import __version__
+from .atomic import write_atomic
+
+SCHEMA_VERSION = 2
+
+
+@dataclass
+class Record:
+    model: str
+    model_source: str
+    family: str
+    method: str
+    pattern: str
+    sparsity_target: float
+    sparsity_measured: float
+    sparsity_per_layer: dict
+    method_notes: dict
+    ppl: dict
+    eval: dict
+    zeroshot: dict | None
+    calibration: dict | None
+    seed: int
+    timings: dict
+    peak_memory_gib: float
+    peak_memory_kind: str
+    device: str
+    dtype: str
+    versions: dict
+    command: list
+    finished_at: str
+    schema_version: int = SCHEMA_VERSION
+    options: dict = field(default_factory=dict)  # the method's options as given (defaults are not repeated)
+    allocation: dict = field(default_factory=lambda: {"name": "uniform", "options": {}})
+    sparsity_target_per_layer: dict = field(default_factory=dict)
+    lineage: dict | None = None  # eval of a saved model: its oneshot.json
+    run_key: str | None = None  # set by a sweep
+
+    _DROP_IF_NONE = ("lineage", "run_key")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for key in self._DROP_IF_NONE:
+            if data[key] is None:
+                del data[key]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / "result.json"
+        write_atomic(path, self.to_json().encode())
+        return path
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+
+def peak_memory_gib(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@functools.lru_cache(maxsize=1)
+def _source_commit() -> str | None:
+    """The git commit of a source checkout (with "+dirty" for uncommitted changes), else None."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "oneshot": __version__}
+    if _source_commit():
+        found["oneshot_commit"] = _source_commit()
+    for package in ("torch", "transformers", "numpy", "datasets", "lm-eval", "gguf"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def provenance(device: str, dtype, timings: dict, command: list[str]) -> dict:
+    """What every record carries so that a number can be traced and reproduced."""
+    return {
+        "timings": timings,
+        "peak_memory_gib": peak_memory_gib(device),
+        "peak_memory_kind": "cuda max allocated" if device.startswith("cuda") else "host max RSS",
+        "device": device_name(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "versions": versions(),
+        "command": command,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

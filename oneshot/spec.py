@@ -1,0 +1,422 @@
+"""RunSpec: everything that describes one run, and the one validation that every caller uses.
+
+The CLI parses flags into a RunSpec, `oneshot prune --config RUN.yaml` reads one from YAML, a sweep
+expands its grid into RunSpecs, and Python callers build one directly. `validate(spec)` checks it
+all before any model is loaded and returns a Plan (the resolved device, dtype, method, options,
+pattern, allocation, evaluation sources and zero-shot tasks); anything wrong is a UsageError of one
+line naming the flag or key to change (`names` says how the caller spells each field).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")  # float64: for numerical studies
+KINDS = ("prune", "eval")
+SEED_LIMIT = 2**32  # numpy's and torch's seeds alike
+
+# How each field is spelled on the command line, and in a YAML config.
+FLAG_NAMES = {
+    "model": "--model", "method": "--method", "options": "--option", "sparsity": "--sparsity",
+    "pattern": "--pattern", "allocation": "--allocation", "calibration.source": "--calibration",
+    "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen", "seed": "--seed",
+    "eval.ppl": "--eval-ppl", "eval.samples": "--eval-samples", "eval.tasks": "--eval-tasks",
+    "eval.limit": "--eval-limit", "eval.batch_size": "--eval-batch-size", "device": "--device", "dtype": "--dtype",
+    "batch_size": "--batch-size", "output": "--output", "save_model": "--save-model",
+    "checkpoint_dir": "--checkpoint-dir", "resume": "--resume", "overwrite": "--overwrite",
+}
+YAML_NAMES = {key: key for key in FLAG_NAMES}
+
+
+@dataclass
+class Calibration:
+    source: str = "wiki-offline"
+    nsamples: int | None = None  # default 128; every row of a tokens: file
+    seqlen: int | None = None  # default 2048; a tokens: file's width. Also the perplexity window.
+
+
+@dataclass
+class Evaluation:
+    ppl: tuple[str, ...] = ("wiki-offline",)  # perplexity sources; () for none
+    samples: int | None = None  # at most this many windows per source
+    tasks: str = "none"  # zero-shot: a suite or comma-separated lm-eval task names
+    limit: int | None = None  # at most this many documents per zero-shot task
+    batch_size: int | str | None = None  # lm-eval batch size, or "auto"
+
+
+@dataclass
+class RunSpec:
+    """One run. `kind` "prune" prunes and measures; "eval" measures a model as it is (method dense),
+    taking method and pattern for its record from a saved model's lineage card."""
+
+    model: str = "smollm2-135m"
+    method: str = "sparsegpt"
+    options: dict = field(default_factory=dict)  # the method's and the allocation's options, by name
+    sparsity: float | None = None  # default 0.5; N:M patterns fix it to N/M
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    calibration: Calibration = field(default_factory=Calibration)
+    eval: Evaluation = field(default_factory=Evaluation)
+    seed: int = 0  # calibration sampling and random models
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int | None = None
+    output: str | None = None  # directory for result.json
+    save_model: str | None = None  # directory for the pruned model and its card
+    overwrite: bool = False
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    offline: bool = False
+    progress: bool = True
+    kind: str = "prune"
+
+    def replace(self, **changes) -> "RunSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_argv(self) -> list[str]:
+        """The `oneshot` command line that runs this spec (recorded with every result)."""
+        argv = [self.kind, "--model", self.model]
+        if self.kind == "prune":
+            argv += ["--method", self.method]
+            if self.pattern != "unstructured":
+                argv += ["--pattern", self.pattern]
+            if self.sparsity is not None:
+                argv += ["--sparsity", repr(float(self.sparsity))]
+            if self.allocation != "uniform":
+                argv += ["--allocation", self.allocation]
+            for name, value in self.options.items():
+                argv += ["--option", f"{name}={value}"]
+            calibration = self.calibration
+            argv += ["--calibration", calibration.source]
+            if calibration.nsamples is not None:
+                argv += ["--nsamples", str(calibration.nsamples)]
+        if self.calibration.seqlen is not None:
+            argv += ["--seqlen", str(self.calibration.seqlen)]
+        argv += ["--seed", str(self.seed), "--eval-ppl", ",".join(self.eval.ppl) or "none"]
+        for flag, value in (("--eval-samples", self.eval.samples), ("--eval-limit", self.eval.limit),
+                            ("--eval-batch-size", self.eval.batch_size), ("--batch-size", self.batch_size),
+                            ("--output", self.output), ("--save-model", self.save_model),
+                            ("--checkpoint-dir", self.checkpoint_dir)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if self.eval.tasks not in ("", "none"):
+            argv += ["--eval-tasks", self.eval.tasks]
+        argv += ["--device", self.device, "--dtype", self.dtype]
+        argv += [flag for flag, on in (("--resume", self.resume), ("--overwrite", self.overwrite),
+                                       ("--offline", self.offline)) if on]
+        return ["oneshot", *argv]
+
+
+@dataclass
+class Plan:
+    """A validated RunSpec, resolved: what run() executes."""
+
+    spec: RunSpec
+    method: object  # methods.Method
+    method_options: dict
+    allocation: object  # allocation.Allocation
+    allocation_options: dict
+    pattern: object  # methods.Pattern
+    sparsity: float
+    device: str
+    dtype: object  # torch.dtype
+    model_kind: str
+    eval_sources: list[str]
+    zeroshot: object | None  # evaluate.zeroshot.PreparedTasks
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method.statistic is not None or self.allocation.statistic is not None
+
+
+def validate(spec: RunSpec, names: dict | None = None) -> Plan:
+    """Check everything that can be checked without loading the model; returns the Plan.
+    Raises UsageError with one line naming the flag or key (from `names`) to change."""
+    from calibration import SourceError, check_source
+    from .models import ModelError, check_model_spec
+
+    names = names or FLAG_NAMES
+    fields = validate_fields(spec, names)
+    name = lambda key: names.get(key, key)  # noqa: E731
+    method, allocation = fields["method"], fields["allocation"]
+    try:
+        if method.statistic is not None or allocation.statistic is not None:
+            check_source(spec.calibration.source, "calibration")
+        for source in spec.eval.ppl:
+            check_source(source, "evaluation")
+    except SourceError as exc:
+        raise UsageError(str(exc)) from None
+    _check_outputs(spec, name)
+    device = resolve_device(spec.device, name("device"))
+    try:
+        model_kind = check_model_spec(spec.model)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+    dtype = resolve_dtype(spec.dtype, device, spec.model, model_kind)
+    zeroshot = _prepare_zeroshot(spec, model_kind, name)  # last: it may take seconds
+    if spec.kind == "eval" and not spec.eval.ppl and zeroshot is None:
+        raise UsageError(f"nothing to evaluate: give {name('eval.ppl')} SOURCE and/or {name('eval.tasks')} SUITE|TASKS")
+    return Plan(spec, method, fields["method_options"], allocation, fields["allocation_options"], fields["pattern"],
+                fields["sparsity"], device, dtype, model_kind, list(spec.eval.ppl), zeroshot)
+
+
+def validate_fields(spec: RunSpec, names: dict | None = None) -> dict:
+    """The checks of the spec's own values (no model, data, device or file is looked at): returns the
+    method, allocation, their typed options, the pattern and the sparsity."""
+    from .allocation import get_allocation
+    from .methods import METHODS, OptionError, PatternError, check_sparsity, parse_pattern
+
+    names = names or FLAG_NAMES
+    name = lambda key: names.get(key, key)  # noqa: E731
+    if spec.kind not in KINDS:
+        raise UsageError(f"unknown run kind {spec.kind!r}; choose {' or '.join(KINDS)}")
+    _check_text(spec.model, name("model"))
+    if spec.method not in METHODS:
+        raise UsageError(f"unknown method {spec.method!r}; choose one of {', '.join(METHODS)}")
+    method = METHODS[spec.method]
+    if spec.kind == "eval" and method.name != "dense":
+        raise UsageError("an eval run measures the model as it is: its method must be dense")
+    try:
+        allocation = get_allocation(spec.allocation)
+        method_options, allocation_options = _split_options(method, allocation, spec.options, name("options"))
+        if not isinstance(spec.pattern, str):
+            raise PatternError(f"pattern {spec.pattern!r} is not 'unstructured' or 'N:M' (quote it: \"2:4\")")
+        pattern = parse_pattern(spec.pattern)
+        if pattern.is_nm:
+            if spec.sparsity is not None and spec.sparsity != pattern.sparsity:
+                raise UsageError(f"{name('sparsity')} {spec.sparsity} conflicts with pattern {pattern}, which prunes "
+                                 f"{pattern.sparsity:g}; leave {name('sparsity')} out")
+            if not allocation.accepts_nm:
+                raise UsageError(f"{name('allocation')} {allocation.name} gives layers different sparsities, which "
+                                 f"pattern {pattern} cannot (it fixes {pattern.sparsity:g}); use unstructured")
+            sparsity = pattern.sparsity
+        else:
+            if spec.sparsity is not None:
+                _check_number(spec.sparsity, name("sparsity"))
+            sparsity = check_sparsity(0.5 if spec.sparsity is None else spec.sparsity)
+    except (PatternError, OptionError) as exc:
+        raise UsageError(str(exc)) from None
+    if method.name == "dense":
+        sparsity = 0.0
+    _check_count(spec.calibration.nsamples, name("calibration.nsamples"))
+    _check_count(spec.batch_size, name("batch_size"))
+    _check_count(spec.calibration.seqlen, name("calibration.seqlen"), minimum=2)
+    _check_count(spec.eval.samples, name("eval.samples"))
+    _check_count(spec.eval.limit, name("eval.limit"))
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not 0 <= spec.seed < SEED_LIMIT:
+        raise UsageError(f"{name('seed')} must be a whole number from 0 to {SEED_LIMIT - 1} (got {spec.seed!r})")
+    batch = spec.eval.batch_size
+    if batch is not None and batch != "auto" and not (str(batch).isdigit() and int(batch) > 0):
+        raise UsageError(f"{name('eval.batch_size')} must be a positive whole number or auto (got {batch})")
+    if not isinstance(spec.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec.device):
+        raise UsageError(f"unknown device {spec.device!r}; choose auto, cpu, cuda or cuda:N")
+    if spec.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {spec.dtype!r}; choose {', '.join(DTYPES)}")
+    if not isinstance(spec.calibration.source, str) or not spec.calibration.source.strip():
+        raise UsageError(f"{name('calibration.source')} must be a source name")
+    return dict(method=method, method_options=method_options, allocation=allocation,
+                allocation_options=allocation_options, pattern=pattern, sparsity=sparsity)
+
+
+def _split_options(method, allocation, given: dict, flag: str) -> tuple[dict, dict]:
+    """Options go to whichever of the method and the allocation declares them."""
+    from .methods import OptionError
+
+    if not isinstance(given, dict):
+        raise UsageError(f"{flag} must map option names to values")
+    mine = {o.name for o in allocation.options}
+    method_options = method.check_options({k: v for k, v in given.items() if k not in mine})
+    allocation_options = allocation.check_options({k: v for k, v in given.items() if k in mine})
+    if method_options is None or allocation_options is None:  # pragma: no cover - check_options raises
+        raise OptionError("options")
+    return method_options, allocation_options
+
+
+def _check_text(value, flag: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{flag} must be given as text, not {value!r}")
+
+
+def _check_number(value, flag: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{flag} must be a number, not {value!r}")
+
+
+def _check_count(value, flag: str, minimum: int = 1) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive whole number" if minimum == 1 else f"a whole number of at least {minimum}"
+        raise UsageError(f"{flag} must be {what} (got {value!r})")
+
+
+def _check_outputs(spec: RunSpec, name) -> None:
+    """Output directories and the checkpoint, before any work."""
+    outputs = [(name("output"), spec.output), (name("save_model"), spec.save_model)]
+    if spec.kind == "eval" and spec.save_model:
+        raise UsageError("an eval run saves no model; leave out " + name("save_model"))
+    for flag, directory in outputs:
+        if directory is None:
+            continue
+        _check_text(directory, flag)
+        path = Path(directory).expanduser()
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {directory} is a file, not a directory")
+        if not spec.overwrite and path.exists() and any(path.iterdir()):
+            raise UsageError(f"{flag} {directory} already exists and is not empty; choose a new directory "
+                             f"or pass {name('overwrite')}")
+    if spec.output and spec.save_model and Path(spec.output).resolve() == Path(spec.save_model).resolve():
+        raise UsageError(f"{name('output')} and {name('save_model')} must be different directories")
+    if spec.resume and not spec.checkpoint_dir:
+        raise UsageError(f"{name('resume')} needs {name('checkpoint_dir')} (the directory of the run to continue)")
+    if spec.checkpoint_dir:
+        state = Path(spec.checkpoint_dir).expanduser() / "state.json"
+        if state.exists() and not spec.resume:
+            raise UsageError(f"{name('checkpoint_dir')} {spec.checkpoint_dir} holds a checkpoint; pass "
+                             f"{name('resume')} to continue it, or choose another directory")
+        if spec.resume and not state.exists():
+            raise UsageError(f"{name('resume')}: {spec.checkpoint_dir} holds no checkpoint (no state.json)")
+
+
+def _prepare_zeroshot(spec: RunSpec, model_kind: str, name):
+    """Check the zero-shot tasks and load their data (None if no tasks): may take seconds."""
+    from .evaluate.zeroshot import ZeroShotError, parse_task_spec, prepare_tasks
+
+    try:
+        if not parse_task_spec(spec.eval.tasks):
+            return None
+        if model_kind == "random":
+            raise UsageError(f"{name('eval.tasks')} needs a model with a real tokenizer; random:<preset> models "
+                             "read bytes")
+        return prepare_tasks(spec.eval.tasks)
+    except ZeroShotError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def resolve_device(text: str, flag: str = "--device") -> str:
+    import torch
+
+    if not isinstance(text, str):
+        raise UsageError(f"unknown device {text!r}; choose auto, cpu, cuda or cuda:N")
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    if re.fullmatch(r"cuda(:\d+)?", text):
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {text} was asked for but no CUDA GPU is visible; use {flag} cpu")
+        index = int(text[5:]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return text
+    raise UsageError(f"unknown device {text!r}; choose auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(text: str, device: str, model: str, model_kind: str):
+    import torch
+
+    if text != "auto":
+        return getattr(torch, text)
+    if device == "cpu":
+        return torch.float32  # CPU half-precision matmuls are slow and gain nothing here
+    if model_kind in ("hub", "local"):
+        from transformers import AutoConfig
+
+        if getattr(AutoConfig.from_pretrained(model), "dtype", None) == torch.bfloat16:
+            return torch.bfloat16  # bf16-trained weights can overflow in fp16
+    return torch.float16
+
+
+# ---- a RunSpec from a mapping (YAML) ---------------------------------------------------------------
+
+RUN_KEYS = ("model", "method", "options", "sparsity", "pattern", "allocation", "calibration", "eval", "seed", "device",
+            "dtype", "batch_size", "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline")
+CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
+EVAL_KEYS = ("ppl", "samples", "tasks", "limit", "batch_size")
+
+
+def spec_from_mapping(data: dict, where: str, base: RunSpec | None = None, relative_to: Path | None = None) -> RunSpec:
+    """A RunSpec from a config mapping (`oneshot prune --config RUN.yaml`); only the shape is checked
+    here (keys, lists, mappings), the values by validate(). Paths are relative to `relative_to`."""
+    spec = base or RunSpec()
+    check_keys(data, RUN_KEYS, "", where)
+    changes = {}
+    for key in ("model", "method", "sparsity", "pattern", "allocation", "seed", "device", "dtype", "batch_size",
+                "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline"):
+        if key in data and data[key] is not None:
+            changes[key] = data[key]
+    for key in ("output", "save_model", "checkpoint_dir"):
+        if isinstance(changes.get(key), str):
+            changes[key] = resolve_path(changes[key], relative_to)
+    if "options" in data and data["options"] is not None:
+        if not isinstance(data["options"], dict):
+            raise UsageError(f"{where}: options must map option names to values")
+        changes["options"] = dict(data["options"])
+    calibration = dataclasses.replace(spec.calibration)
+    if data.get("calibration") is not None:
+        raw = data["calibration"]
+        check_keys(raw, CALIBRATION_KEYS, "calibration.", where)
+        for key in ("source", "nsamples", "seqlen"):
+            if raw.get(key) is not None:
+                setattr(calibration, key, raw[key])
+        if raw.get("seed") is not None:
+            changes["seed"] = raw["seed"]
+        if isinstance(calibration.source, str):
+            calibration.source = resolve_source(calibration.source, relative_to)
+    evaluation = dataclasses.replace(spec.eval)
+    if data.get("eval") is not None:
+        raw = data["eval"]
+        check_keys(raw, EVAL_KEYS, "eval.", where)
+        if "ppl" in raw:
+            evaluation.ppl = tuple(resolve_source(s, relative_to) for s in source_list(raw["ppl"], f"{where}: eval.ppl"))
+        for key in ("samples", "limit", "batch_size"):
+            if raw.get(key) is not None:
+                setattr(evaluation, key, raw[key])
+        if raw.get("tasks") is not None:
+            tasks = raw["tasks"]
+            evaluation.tasks = ",".join(tasks) if isinstance(tasks, list) else str(tasks)
+    return spec.replace(calibration=calibration, eval=evaluation, **changes)
+
+
+def check_keys(mapping, allowed, prefix: str, where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise UsageError(f"{where}: {prefix.rstrip('.') or 'the top level'} must be a mapping with keys "
+                         f"{', '.join(allowed)}")
+    for key in mapping:
+        if key not in allowed:
+            raise UsageError(f"{where}: unknown key {prefix + str(key)!r}; allowed keys"
+                             f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(allowed)}")
+
+
+def source_list(value, where: str) -> list[str]:
+    """Sources as a list: 'a,b', [a, b], or none/empty for no sources."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return []
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",")]
+    if not isinstance(value, list) or not value:
+        raise UsageError(f"{where} must be a non-empty list")
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise UsageError(f"{where}: {item!r} is not a name")
+    return list(dict.fromkeys(item.strip() for item in value))
+
+
+def resolve_source(source: str, relative_to: Path | None) -> str:
+    """file:/tokens: paths in a config are relative to the config's directory."""
+    source = source.strip()
+    for prefix in ("file:", "tokens:"):
+        if source.startswith(prefix) and relative_to is not None:
+            return prefix + resolve_path(source[len(prefix):], relative_to)
+    return source
+
+
+def resolve_path(path: str, relative_to: Path | None) -> str:
+    target = Path(path).expanduser()
+    if relative_to is not None and not target.is_absolute():
+        target = relative_to / target
+    return str(target)

@@ -1,0 +1,153 @@
+"""Running a sweep: every grid point through `api.run` in this process, resumable.
+
+- The whole config is checked before any run: a bad key or value is one line (UsageError).
+- Rerunning the same config skips every run whose `run_key` is already in the results file.
+- Each model is loaded once and every run gets a fresh copy of it (`--reload` loads it per run).
+- A run that fails records nothing, prints one line, and the sweep goes on; the sweep then returns 1.
+  Ctrl-C stops the sweep (130) with every finished run kept.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..api import run
+from ..errors import RunError, UsageError
+from ..spec import validate
+from .config import SWEEP_NAMES, SweepConfig, check_runs, label, run_key
+from .store import append_record, read_results
+
+
+def preflight(config: SweepConfig) -> list[str]:
+    """Problems found in seconds (models, data sources, device, every run's settings), one line each."""
+    problems = []
+    for spec in config.runs():
+        try:
+            validate(spec, SWEEP_NAMES)
+        except UsageError as exc:
+            if str(exc) not in problems:
+                problems.append(str(exc))
+    return problems
+
+
+def _summary(record: dict) -> str:
+    parts = [f"ppl {source} {value:.4g}" for source, value in (record.get("ppl") or {}).items()]
+    mean_acc = (record.get("zeroshot") or {}).get("mean_acc") if isinstance(record.get("zeroshot"), dict) else None
+    if isinstance(mean_acc, (int, float)):
+        parts.append(f"zero-shot mean {mean_acc:.4f}")
+    return ", ".join(parts) or "no metrics"
+
+
+class _Models:
+    """One loaded copy per (model, dtype, seed); each run gets its own deep copy."""
+
+    def __init__(self, keep: bool):
+        self.keep, self.kept = keep, {}
+
+    def get(self, spec):
+        if not self.keep:
+            return None
+        from ..models import load_model
+
+        plan = validate(spec, SWEEP_NAMES)
+        key = (spec.model, plan.dtype, spec.seed)
+        if key not in self.kept:
+            start = time.perf_counter()
+            self.kept[key] = (load_model(spec.model, dtype=plan.dtype, seed=spec.seed), time.perf_counter() - start)
+        loaded, _seconds = self.kept[key]
+        return type(loaded)(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
+
+
+def run_one(spec, models: _Models):
+    """(record dict or None, one-line failure)."""
+    try:
+        record = run(spec, loaded=models.get(spec), names=SWEEP_NAMES)
+    except (UsageError, RunError) as exc:
+        return None, str(exc)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one failed run must not end the sweep
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    return record.to_dict(), ""
+
+
+def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = False, verbose: bool = False,
+              reload: bool = False, out=None) -> int:
+    out = out or sys.stdout
+    results = Path(results) if results is not None else config.results
+    check_runs(config)
+    runs = config.runs()
+    records, bad = read_results(results)
+    done = {r.get("run_key") for r in records}
+    todo = [spec for spec in runs if run_key(spec) not in done]
+    say = lambda message="", end="\n": print(message, end=end, file=out, flush=True)  # noqa: E731
+
+    if bad:
+        say(f"note: {results} has {bad} unreadable line(s) (an interrupted write?); they are ignored")
+    problems = preflight(config)
+    if dry_run:
+        say(f"{config.path}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in {results}, "
+            f"{len(todo)} to run")
+        for i, spec in enumerate(runs, 1):
+            status = "done" if run_key(spec) in done else "todo"
+            say(f"  [{i:>{len(str(len(runs)))}}/{len(runs)}] {status}  {run_key(spec)}  {label(spec)}")
+        for problem in problems:
+            say(f"note: not runnable here: {problem}")
+        return 0
+    if problems:
+        more = f" (and {len(problems) - 1} more; see --dry-run)" if len(problems) > 1 else ""
+        raise UsageError(f"{config.path.name} cannot run here: {problems[0]}{more}")
+    if not todo:
+        say(f"{config.path}: all {len(runs)} runs are already recorded in {results}")
+        _report(results, config, say)
+        return 0
+    say(f"{config.path}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, {len(todo)} to run; "
+        f"results: {results}")
+
+    failed, finished, started = [], 0, time.perf_counter()
+    width = len(str(len(todo)))
+    models = _Models(keep=not reload)
+    logger = logging.getLogger("oneshot")
+    level = logger.level
+    if not verbose:
+        logger.setLevel(logging.WARNING)  # one line per run; --verbose shows each run's own log
+    try:
+        for i, spec in enumerate(todo, 1):
+            say(f"[{i:>{width}}/{len(todo)}] {label(spec)} ... ", end="" if not verbose else "\n")
+            began = time.perf_counter()
+            record, problem = run_one(spec.replace(progress=verbose), models)
+            seconds = time.perf_counter() - began
+            if record is None:
+                failed.append(spec)
+                say(f"FAILED after {seconds:.0f} s: {problem}")
+                continue
+            record["run_key"] = run_key(spec)
+            append_record(results, record)
+            finished += 1
+            say(f"{_summary(record)} ({seconds:.0f} s)")
+    except KeyboardInterrupt:
+        say("")
+        say(f"interrupted: {finished} run(s) recorded this time in {results}; run the same command to resume")
+        return 130
+    finally:
+        logger.setLevel(level)
+    total = time.perf_counter() - started
+    say(f"finished {finished} run(s) in {total / 60:.1f} min, {len(failed)} failed")
+    _report(results, config, say)
+    if failed:
+        say("failed (not recorded; rerun to retry): " + "; ".join(label(spec) for spec in failed))
+        return 1
+    return 0
+
+
+def _report(results: Path, config: SweepConfig, say) -> None:
+    """Print the sweep's table and write its report files next to the results."""
+    from .report import make_report
+
+    if results.exists():
+        say("")
+        written = make_report(results, paper=config.paper)
+        say("report: " + ", ".join(str(path) for kind, path in written.items() if kind != "no_png"))
