@@ -46,8 +46,8 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _model(preset: str, seed: int = 0) -> nn.Module:
-    return _randomize(build_random_model(preset, torch.float64, seed), seed)
+def _model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    return _randomize(build_random_model(preset, dtype, seed), seed)
 
 
 def _ids(seqlen: int = 24) -> torch.Tensor:  # longer than the presets' sliding window (16)
@@ -66,7 +66,7 @@ def _rebuild(model: nn.Module, config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = type(config).from_dict(config.to_dict())
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     fresh.load_state_dict(model.state_dict(), strict=True)
     return fresh.eval()
 
@@ -146,8 +146,10 @@ def _rows(*ranges):
 _UNIT_1_HEADS = {
     "tiny-llama": {"q": ("self_attn.q_proj", ROWS, _rows((32, 64))), "k": ("self_attn.k_proj", ROWS, _rows((16, 32))),
                    "v": ("self_attn.v_proj", ROWS, _rows((16, 32))), "o": ("self_attn.o_proj", COLS, _rows((32, 64)))},
-    "tiny-phi3": {"q": ("self_attn.qkv_proj", ROWS, _rows((32, 64))), "k": ("self_attn.qkv_proj", ROWS, _rows((80, 96))),
-                  "v": ("self_attn.qkv_proj", ROWS, _rows((112, 128))), "o": ("self_attn.o_proj", COLS, _rows((32, 64)))},
+    "tiny-phi3": {"q": ("self_attn.qkv_proj", ROWS, _rows((32, 64))),
+                  "k": ("self_attn.qkv_proj", ROWS, _rows((80, 96))),
+                  "v": ("self_attn.qkv_proj", ROWS, _rows((112, 128))),
+                  "o": ("self_attn.o_proj", COLS, _rows((32, 64)))},
     "tiny-opt": {"q": ("self_attn.q_proj", ROWS, _rows((16, 32))), "k": ("self_attn.k_proj", ROWS, _rows((16, 32))),
                  "v": ("self_attn.v_proj", ROWS, _rows((16, 32))), "o": ("self_attn.out_proj", COLS, _rows((16, 32)))},
     "tiny-gpt2": {"q": ("attn.c_attn", ROWS, _rows((16, 32))), "k": ("attn.c_attn", ROWS, _rows((80, 96))),
@@ -214,7 +216,7 @@ def test_zeroing_a_units_value_rows_equals_zeroing_its_output_columns(preset):
     # Ties the v rows (fused ones included) to the o columns, in every family: a KV group's values
     # reach the attention output only through its own query heads.
     heads = structure_map(_model(preset)).heads
-    unit = heads.num_units - 1
+    unit = 1  # not the last unit: with four heads its rows coincide in some wrong layouts
     by_columns, by_values = _model(preset), _model(preset)
     with torch.no_grad():
         for block_c, block_v in zip(decoder_blocks(by_columns), decoder_blocks(by_values)):
@@ -232,8 +234,8 @@ def test_zeroing_a_units_value_rows_equals_zeroing_its_output_columns(preset):
 # --- removing units ---------------------------------------------------------------------------------
 
 
-def _check_removal(preset: str, kind: str, count: int) -> None:
-    model = _model(preset)
+def _check_removal(preset: str, kind: str, count: int, dtype: torch.dtype = torch.float64) -> None:
+    model = _model(preset, dtype=dtype)
     dense = _logits(model)
     coupling = structure_map(model).coupling(kind)
     blocks = decoder_blocks(model)
@@ -287,6 +289,16 @@ def test_removing_heads_equals_zeroing_their_output_columns(preset):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_removing_channels_equals_zeroing_their_down_columns(preset):
     _check_removal(preset, "channels", count=37)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-phi3", "tiny-gpt2"])
+def test_removal_in_float32(preset):
+    # The models' own dtype: new parameters keep it, and float32 sums differ only by rounding.
+    for kind in ("heads", "channels") if preset in REMOVABLE_HEADS else ("channels",):
+        _check_removal(preset, kind, count=1, dtype=torch.float32)
+    model = _model(preset, dtype=torch.float32)
+    remove_units(decoder_blocks(model)[0], structure_map(model).channels, [0, 1])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -456,3 +468,5 @@ def test_keep_lists_are_checked():
     remove_units(block, smap.heads, torch.tensor([1, 1]))  # repeats and tensors are fine
     with pytest.raises(ModelError, match="already shrunk"):
         remove_units(block, smap.heads, [0])
+    with pytest.raises(ModelError, match="update_model_config"):  # a stale config no longer describes block 0
+        structure_map(model)

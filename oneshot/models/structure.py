@@ -155,8 +155,12 @@ def structure_map(model: nn.Module) -> StructureMap:
         raise ModelError(f"{family}: {num_heads} heads do not split into {num_kv_heads} KV groups")
 
     modules = dict(blocks[0].named_modules())
+    for name in (spec.qkv or spec.q, spec.o, spec.gate_up or spec.up, spec.down):
+        if name not in modules:
+            raise ModelError(f"{family} block 0 has no {name}; the structure map is out of date")
     mlp_in = spec.gate_up or spec.up
-    intermediate = get_weight(modules[spec.down]).shape[1]
+    # GPT-2 leaves n_inner unset for 4 * hidden_size; the weights say it either way.
+    intermediate = getattr(config, spec.intermediate_key, None) or get_weight(modules[spec.down]).shape[1]
     attention = AttentionMap(
         module=spec.attention, o=spec.o, q=spec.q, k=spec.k, v=spec.v, qkv=spec.qkv, qkv_layout=spec.qkv_layout,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -203,7 +207,8 @@ def _heads_coupling(spec: _Family, config, attention: AttentionMap) -> Coupling:
                      for attribute, what in spec.head_counters)
 
     if spec.heads_fixed:
-        return Coupling("heads", groups, members, counters, per_unit, (groups,), False, spec.heads_fixed)
+        return Coupling("heads", groups, members, counters, per_unit, (groups,), False,
+                        f"{config.model_type}: {spec.heads_fixed}")
     allowed, first_refusal = [], ""
     for kept in range(1, groups + 1):
         try:
@@ -213,7 +218,7 @@ def _heads_coupling(spec: _Family, config, attention: AttentionMap) -> Coupling:
             first_refusal = first_refusal or str(exc)
     if allowed == [groups]:
         return Coupling("heads", groups, members, counters, per_unit, (groups,), False,
-                        f"the config cannot express fewer heads: {first_refusal}")
+                        f"no smaller head count passes the config's checks: {first_refusal}")
     return Coupling("heads", groups, members, counters, per_unit, tuple(allowed), True)
 
 
@@ -474,7 +479,7 @@ class _Family:
 
 _PER_LAYER_KEYS = ("layer_types",)  # config lists with one entry per block (Qwen2/3, Gemma 2/3)
 
-_DERIVED_HEAD_DIM = "its config derives head_dim = hidden_size / num_heads, so fewer heads change every head"
+_DERIVED_HEAD_DIM = "head_dim is hidden_size / num_heads (no head_dim setting), so fewer heads would change every head"
 
 
 def _llama_like(norms=("input_layernorm", "post_attention_layernorm"), head_norms=()) -> _Family:
