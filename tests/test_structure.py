@@ -470,3 +470,22 @@ def test_keep_lists_are_checked():
         remove_units(block, smap.heads, [0])
     with pytest.raises(ModelError, match="update_model_config"):  # a stale config no longer describes block 0
         structure_map(model)
+
+
+@pytest.mark.parametrize("preset", ["tiny-phi3", "tiny-gemma3", "tiny-gpt2"])
+def test_shrunk_model_saves_and_loads(preset, tmp_path):
+    # The whole path a user takes: shrink in place, bring the config up to date, save_pretrained, load.
+    from transformers import AutoModelForCausalLM
+
+    model = _model(preset)
+    smap = structure_map(model)
+    for coupling in (smap.heads, smap.channels):
+        if coupling.removable:
+            for block in decoder_blocks(model):
+                remove_units(block, coupling, list(range(1, coupling.num_units)))
+            update_model_config(model, rewrite_config(model.config, **coupling.config_kwargs(coupling.num_units - 1)))
+    remove_blocks(model, [smap.num_blocks - 1])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert torch.allclose(_logits(loaded), _logits(model), atol=TOL, rtol=0)
+    assert structure_map(loaded).channels.num_units == smap.channels.num_units - 1
