@@ -269,15 +269,16 @@ def remove_units(block: nn.Module, coupling: Coupling, keep) -> None:
         raise ModelError(f"{coupling.kind} cannot be removed: {coupling.reason}")
     kept = _kept(keep, coupling.num_units, coupling.kind)
     modules = dict(block.named_modules())
-    for (layer, axis), members in coupling.layers().items():
-        module = modules[layer]
-        size = get_weight(module).shape[axis]
+    grouped = coupling.layers()
+    for (layer, axis), members in grouped.items():  # check all before changing any
+        size = get_weight(modules[layer]).shape[axis]
         if size != sum(m.indices.numel() for m in members):
             raise ModelError(f"{layer} has {size} along axis {axis}, not what the map describes: already shrunk?")
+    for (layer, axis), members in grouped.items():
         # Units partition the axis and each unit's indices ascend, so sorting the kept ones keeps
         # every fused layout ([q|k|v], per-head interleaving, [gate|up]) in its own order.
         index = torch.sort(torch.cat([m.of(kept) for m in members])).values
-        _select(module, axis, index)
+        _select(modules[layer], axis, index)
     for counter in coupling.counters:
         module, value = modules[counter.module], counter.per_unit * len(kept)
         if counter.attribute.startswith("config."):
