@@ -1,0 +1,524 @@
+"""The structure map: which weights inside a decoder block are coupled, and how to remove them.
+
+Structured pruning removes whole units: a KV group of attention heads, one MLP channel, one decoder
+block. Each unit spans several layers (a head owns rows of q, k and v and columns of o), so it must
+leave all of them at once. `structure_map` states, once per family, which rows and columns belong to
+which unit (a `Coupling`), so that scoring and removal code needs no family knowledge:
+`remove_units`, `remove_blocks`, `rewrite_config` and `update_model_config` act on the map and the
+config alone. The table `_FAMILIES` at the bottom is the only place that names families.
+
+Conventions: layer names are relative to a block (as `prunable_layers(block)` gives them), and axes
+follow `get_weight`'s [outputs, inputs], whatever the layer stores (GPT-2's Conv1D stores [in, out]).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import ModelError, _is_conv1d, decoder_blocks, get_weight
+
+ROWS, COLS = 0, 1  # axes of get_weight's [outputs, inputs]; biases belong to ROWS
+
+
+# ---------------------------------------------------------------------------------------------------
+# The map
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """One layer's share of a coupling: the rows (or columns) that each unit owns in it."""
+
+    layer: str  # e.g. "self_attn.q_proj", relative to the block
+    axis: int  # ROWS (outputs; a bias is sliced with them) or COLS (inputs)
+    role: str  # "q", "k", "v", "o" for heads; "gate", "up", "down" for channels
+    indices: torch.Tensor  # int64 [num_units, width]: indices[u] are unit u's rows or columns, ascending
+
+    def of(self, units) -> torch.Tensor:
+        """The indices of `units` along `axis`, flattened, in the order the units are given."""
+        return self.indices[torch.as_tensor(units, dtype=torch.long)].reshape(-1)
+
+
+@dataclass(frozen=True)
+class Counter:
+    """A module attribute that counts units and must follow them when units are removed.
+
+    `attribute` may be "config.<key>": a value the module reads from its config at forward time
+    (Phi-3's attention reads num_attention_heads there); the module then gets a view of the shared
+    config with that value overridden, since blocks may keep different numbers of units.
+    """
+
+    module: str  # relative to the block
+    attribute: str
+    per_unit: int
+
+
+@dataclass(frozen=True, eq=False)
+class Coupling:
+    """Groups of rows and columns, across layers of one block, that can only be removed together."""
+
+    kind: str  # "heads" or "channels"
+    num_units: int
+    members: tuple[Member, ...]
+    counters: tuple[Counter, ...]
+    per_unit: tuple[tuple[str, int], ...]  # rewrite_config keyword -> amount per unit, e.g. ("num_heads", 2)
+    allowed_counts: Sequence[int]  # numbers of kept units the family's config can express
+    removable: bool
+    reason: str = ""  # when not removable: why, in one line
+
+    def layers(self) -> dict[tuple[str, int], tuple[Member, ...]]:
+        """Members grouped by (layer, axis): a fused layer holds several members on one axis."""
+        grouped: dict[tuple[str, int], list[Member]] = {}
+        for member in self.members:
+            grouped.setdefault((member.layer, member.axis), []).append(member)
+        return {key: tuple(members) for key, members in grouped.items()}
+
+    def index(self, layer: str, axis: int, units) -> torch.Tensor:
+        """The ascending indices that `units` own along one axis of one layer (all its members)."""
+        parts = [m.of(units) for m in self.members if m.layer == layer and m.axis == axis]
+        if not parts:
+            raise KeyError(f"{layer} (axis {axis}) is not a member of the {self.kind} coupling")
+        return torch.sort(torch.cat(parts)).values
+
+    def config_kwargs(self, num_kept: int) -> dict[str, int]:
+        """rewrite_config's keyword arguments for a model that keeps `num_kept` units in every block."""
+        return {key: amount * num_kept for key, amount in self.per_unit}
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    module: str  # the attention module, e.g. "self_attn"
+    o: str  # output projection (its input columns are the heads)
+    q: str | None  # separate projections; None when fused
+    k: str | None
+    v: str | None
+    qkv: str | None  # fused projection; None when separate
+    qkv_layout: str  # "separate", "q|k|v" (blocks one after another) or "per-head q,k,v" (interleaved)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool
+    o_bias: bool
+    head_norms: tuple[str, ...]  # norms over head_dim shared by all heads (Qwen3, Gemma 3): never sliced
+
+
+@dataclass(frozen=True)
+class MlpMap:
+    module: str  # "" when the MLP layers sit directly in the block (OPT)
+    up: str | None  # input projection (fc1, c_fc, dense_h_to_4h); None when fused with gate
+    gate: str | None  # gated MLPs only
+    gate_up: str | None  # Phi-3's fused [gate | up] rows
+    down: str  # output projection (its input columns are the channels)
+    intermediate_size: int
+    up_bias: bool
+    down_bias: bool
+
+
+@dataclass(frozen=True, eq=False)
+class StructureMap:
+    family: str
+    num_blocks: int
+    hidden_size: int
+    attention: AttentionMap
+    mlp: MlpMap
+    norms: tuple[str, ...]  # hidden-size norms of the block: untouched by head and channel removal
+    heads: Coupling
+    channels: Coupling
+    trailing_blocks_only: bool = False  # a block's maths depends on its index: only trailing blocks can go
+    blocks_reason: str = ""
+
+    def coupling(self, kind: str) -> Coupling:
+        if kind not in ("heads", "channels"):
+            raise ModelError(f"unknown unit kind {kind!r}; choose heads or channels")
+        return getattr(self, kind)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the map
+
+
+def structure_map(model: nn.Module) -> StructureMap:
+    """The coupled groups of `model`'s decoder blocks, from its config, checked against every block."""
+    config = getattr(model, "config", None)
+    family = _family_of(config)
+    blocks = decoder_blocks(model)
+    spec = _FAMILIES[family]
+
+    hidden = config.hidden_size
+    num_heads = getattr(config, spec.heads_key)
+    num_kv_heads = getattr(config, spec.kv_heads_key) if spec.kv_heads_key else num_heads
+    head_dim = hidden // num_heads if spec.heads_fixed else (getattr(config, "head_dim", None) or hidden // num_heads)
+    if num_heads % num_kv_heads:
+        raise ModelError(f"{family}: {num_heads} heads do not split into {num_kv_heads} KV groups")
+
+    modules = dict(blocks[0].named_modules())
+    for name in (spec.qkv or spec.q, spec.o, spec.gate_up or spec.up, spec.down):
+        if name not in modules:
+            raise ModelError(f"{family} block 0 has no {name}; the structure map is out of date")
+    mlp_in = spec.gate_up or spec.up
+    # GPT-2 leaves n_inner unset for 4 * hidden_size; the weights say it either way.
+    intermediate = getattr(config, spec.intermediate_key, None) or get_weight(modules[spec.down]).shape[1]
+    attention = AttentionMap(
+        module=spec.attention, o=spec.o, q=spec.q, k=spec.k, v=spec.v, qkv=spec.qkv, qkv_layout=spec.qkv_layout,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        qkv_bias=modules[spec.qkv or spec.q].bias is not None, o_bias=modules[spec.o].bias is not None,
+        head_norms=spec.head_norms)
+    mlp = MlpMap(module=spec.mlp, up=spec.up, gate=spec.gate, gate_up=spec.gate_up, down=spec.down,
+                 intermediate_size=intermediate, up_bias=modules[mlp_in].bias is not None,
+                 down_bias=modules[spec.down].bias is not None)
+
+    heads = _heads_coupling(spec, config, attention)
+    channels = _channels_coupling(spec, mlp)
+    for index, block in enumerate(blocks):
+        _check_block(family, index, block, spec, heads, channels)
+
+    trailing_only = any(getattr(config, key, False) for key in spec.index_dependent_flags)
+    reason = (f"{family} with {', '.join(spec.index_dependent_flags)} scales each block by its index: only "
+              "trailing blocks can be removed") if trailing_only else ""
+    return StructureMap(family=family, num_blocks=len(blocks), hidden_size=hidden, attention=attention, mlp=mlp,
+                        norms=spec.norms, heads=heads, channels=channels, trailing_blocks_only=trailing_only,
+                        blocks_reason=reason)
+
+
+def _heads_coupling(spec: _Family, config, attention: AttentionMap) -> Coupling:
+    # Units are KV groups: a group's k/v rows and the rows of the query heads that read them go
+    # together; without GQA a group is one head. Removing whole groups keeps heads / kv_heads fixed.
+    heads, groups, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    per_group = heads // groups
+    q_rows = torch.arange(heads * d).view(groups, per_group * d)
+    kv_rows = torch.arange(groups * d).view(groups, d)
+    if spec.qkv_layout == "separate":
+        parts = [(spec.q, "q", q_rows), (spec.k, "k", kv_rows), (spec.v, "v", kv_rows)]
+    elif spec.qkv_layout == "q|k|v":
+        parts = [(spec.qkv, "q", q_rows), (spec.qkv, "k", heads * d + kv_rows),
+                 (spec.qkv, "v", (heads + groups) * d + kv_rows)]
+    else:  # "per-head q,k,v": the fused output is [heads, 3, head_dim] (GPT-NeoX); no GQA there
+        if groups != heads:
+            raise ModelError(f"{config.model_type}: an interleaved per-head q,k,v layout cannot have KV groups")
+        start = (torch.arange(heads) * 3 * d)[:, None] + torch.arange(d)
+        parts = [(spec.qkv, "q", start), (spec.qkv, "k", start + d), (spec.qkv, "v", start + 2 * d)]
+    members = tuple(Member(layer, ROWS, role, rows) for layer, role, rows in parts)
+    members += (Member(spec.o, COLS, "o", q_rows),)
+    per_unit = (("num_heads", per_group), ("num_kv_heads", 1))
+    counters = tuple(Counter(spec.attention, attribute, per_group if what == "heads" else 1)
+                     for attribute, what in spec.head_counters)
+
+    if spec.heads_fixed:
+        return Coupling("heads", groups, members, counters, per_unit, (groups,), False,
+                        f"{config.model_type}: {spec.heads_fixed}")
+    allowed, first_refusal = [], ""
+    for kept in range(1, groups + 1):
+        try:
+            rewrite_config(config, num_heads=kept * per_group, num_kv_heads=kept)
+            allowed.append(kept)
+        except ModelError as exc:
+            first_refusal = first_refusal or str(exc)
+    if allowed == [groups]:
+        return Coupling("heads", groups, members, counters, per_unit, (groups,), False,
+                        f"no smaller head count passes the config's checks: {first_refusal}")
+    return Coupling("heads", groups, members, counters, per_unit, tuple(allowed), True)
+
+
+def _channels_coupling(spec: _Family, mlp: MlpMap) -> Coupling:
+    size = mlp.intermediate_size
+    channel = torch.arange(size)[:, None]
+    if spec.gate_up:  # Phi-3: rows [gate | up]
+        members = (Member(spec.gate_up, ROWS, "gate", channel), Member(spec.gate_up, ROWS, "up", size + channel))
+    elif spec.gate:
+        members = (Member(spec.gate, ROWS, "gate", channel), Member(spec.up, ROWS, "up", channel))
+    else:
+        members = (Member(spec.up, ROWS, "up", channel),)
+    members += (Member(spec.down, COLS, "down", channel),)
+    counters = tuple(Counter(spec.mlp, attribute, 1) for attribute in spec.channel_counters)
+    return Coupling("channels", size, members, counters, (("intermediate_size", 1),), range(1, size + 1), True)
+
+
+def _check_block(family: str, index: int, block: nn.Module, spec: _Family, *couplings: Coupling) -> None:
+    """Every member's axis must be exactly as long as its units cover, in every block."""
+    modules = dict(block.named_modules())
+    for coupling in couplings:
+        for (layer, axis), members in coupling.layers().items():
+            if layer not in modules:
+                raise ModelError(f"{family} block {index} has no {layer}; the structure map is out of date")
+            size = get_weight(modules[layer]).shape[axis]
+            covered = sum(m.indices.numel() for m in members)
+            if size != covered:
+                raise ModelError(f"{family} block {index}: {layer} has {size} {'rows' if axis == ROWS else 'columns'}"
+                                 f" but the config implies {covered} (shrunk without update_model_config?)")
+    for name in spec.norms + spec.head_norms:
+        if name not in modules:
+            raise ModelError(f"{family} block {index} has no norm {name}; the structure map is out of date")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Acting on the map (no family names below this line until the table)
+
+
+@torch.no_grad()
+def remove_units(block: nn.Module, coupling: Coupling, keep) -> None:
+    """Shrink `block` in place to the units in `keep` (unit indices; order and repeats do not matter).
+
+    Every member layer gets new, smaller parameters (output biases are sliced with their rows) and
+    the attributes transformers reads at forward time follow, so the block runs as it is. The model's
+    config is not touched: call `update_model_config(model, rewrite_config(...))` once all blocks agree.
+    """
+    if not coupling.removable:
+        raise ModelError(f"{coupling.kind} cannot be removed: {coupling.reason}")
+    kept = _kept(keep, coupling.num_units, coupling.kind)
+    modules = dict(block.named_modules())
+    grouped = coupling.layers()
+    for (layer, axis), members in grouped.items():  # check all before changing any
+        size = get_weight(modules[layer]).shape[axis]
+        if size != sum(m.indices.numel() for m in members):
+            raise ModelError(f"{layer} has {size} along axis {axis}, not what the map describes: already shrunk?")
+    for (layer, axis), members in grouped.items():
+        # Units partition the axis and each unit's indices ascend, so sorting the kept ones keeps
+        # every fused layout ([q|k|v], per-head interleaving, [gate|up]) in its own order.
+        index = torch.sort(torch.cat([m.of(kept) for m in members])).values
+        _select(modules[layer], axis, index)
+    for counter in coupling.counters:
+        module, value = modules[counter.module], counter.per_unit * len(kept)
+        if counter.attribute.startswith("config."):
+            _override_config(module, counter.attribute[len("config."):], value)
+        elif hasattr(module, counter.attribute):  # set only where this version keeps such an attribute
+            setattr(module, counter.attribute, value)
+
+
+def _kept(keep, num_units: int, what: str) -> torch.Tensor:
+    kept = torch.unique(torch.as_tensor(keep, dtype=torch.long).reshape(-1))  # sorted, no repeats
+    if kept.numel() == 0:
+        raise ModelError(f"keeping no {what} at all is not supported")
+    if kept[0] < 0 or kept[-1] >= num_units:
+        raise ModelError(f"{what} to keep must be in 0..{num_units - 1}, got {kept.tolist()}")
+    return kept
+
+
+def _select(layer: nn.Module, axis: int, index: torch.Tensor) -> None:
+    """Replace the layer's parameters by the rows (axis ROWS) or columns (COLS) in `index`."""
+    stored_axis = 1 - axis if _is_conv1d(layer) else axis  # Conv1D stores [in, out]
+    old = layer.weight
+    layer.weight = nn.Parameter(old.data.index_select(stored_axis, index.to(old.device)),
+                                requires_grad=old.requires_grad)
+    if axis == ROWS and layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.data.index_select(0, index.to(old.device)),
+                                  requires_grad=layer.bias.requires_grad)
+    outputs, inputs = get_weight(layer).shape
+    if _is_conv1d(layer):
+        layer.nf, layer.nx = outputs, inputs  # Conv1D's forward reads nf
+    else:
+        layer.out_features, layer.in_features = outputs, inputs
+
+
+class _ConfigView:
+    """The model's config as one module sees it, with a few values of its own.
+
+    Everything else is read from (and written to) the shared config, so later changes such as the
+    attention implementation still reach the module.
+    """
+
+    def __init__(self, base, values: dict):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name):
+        state = self.__dict__
+        if name.startswith("__") or "_base" not in state:  # copy/pickle probe an empty instance
+            raise AttributeError(name)
+        if name in state["_values"]:
+            return state["_values"][name]
+        return getattr(state["_base"], name)
+
+    def __setattr__(self, name, value):
+        if name in self._values:
+            self._values[name] = value
+        else:
+            setattr(self._base, name, value)
+
+
+def _override_config(module: nn.Module, key: str, value) -> None:
+    if isinstance(module.config, _ConfigView):
+        module.config._values[key] = value
+    else:
+        module.config = _ConfigView(module.config, {key: value})
+
+
+def rewrite_config(config, *, num_hidden_layers: int | None = None, kept_blocks: Sequence[int] | None = None,
+                   num_heads: int | None = None, num_kv_heads: int | None = None,
+                   intermediate_size: int | None = None):
+    """A new config for a shrunk model, in the family's own key names; `config` is left as it is.
+
+    kept_blocks: the original indices of the blocks that stay (per-layer lists such as layer_types
+    follow them); num_hidden_layers alone keeps the first blocks. num_heads / num_kv_heads: heads per
+    block (head_dim is written out so that it no longer derives from hidden_size); either one alone
+    keeps the current ratio. Every value is validated as the family's config class validates it.
+    """
+    family = _family_of(config)
+    spec = _FAMILIES[family]
+    new = copy.deepcopy(config)
+    layers = getattr(config, spec.layers_key)
+
+    if kept_blocks is not None or num_hidden_layers is not None:
+        if kept_blocks is None:
+            if not 1 <= num_hidden_layers <= layers:
+                raise ModelError(f"num_hidden_layers must be in 1..{layers}, got {num_hidden_layers}")
+            kept = list(range(num_hidden_layers))
+        else:
+            kept = _kept(list(kept_blocks), layers, "blocks").tolist()
+            if num_hidden_layers is not None and num_hidden_layers != len(kept):
+                raise ModelError(f"num_hidden_layers={num_hidden_layers} but {len(kept)} kept blocks")
+        flags = [key for key in spec.index_dependent_flags if getattr(config, key, False)]
+        if flags and kept != list(range(len(kept))):
+            raise ModelError(f"{family} with {', '.join(flags)} scales each block by its index: only trailing "
+                             f"blocks can be removed, not {sorted(set(range(layers)) - set(kept))}")
+        setattr(new, spec.layers_key, len(kept))
+        for key in _PER_LAYER_KEYS:
+            values = getattr(config, key, None)
+            if isinstance(values, (list, tuple)) and len(values) == layers:
+                setattr(new, key, [values[i] for i in kept])
+
+    if num_heads is not None or num_kv_heads is not None:
+        if spec.heads_fixed:
+            raise ModelError(f"{family} cannot remove heads: {spec.heads_fixed}")
+        heads = getattr(config, spec.heads_key)
+        groups = getattr(config, spec.kv_heads_key)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if num_heads is None:
+            num_heads = num_kv_heads * (heads // groups)
+        if num_kv_heads is None:
+            if (num_heads * groups) % heads:
+                raise ModelError(f"{num_heads} heads cannot keep the ratio of {heads} heads to {groups} KV heads")
+            num_kv_heads = num_heads * groups // heads
+        if num_kv_heads < 1 or num_heads < 1 or num_heads % num_kv_heads:
+            raise ModelError(f"{num_heads} heads do not split into {num_kv_heads} KV groups")
+        setattr(new, spec.heads_key, num_heads)
+        setattr(new, spec.kv_heads_key, num_kv_heads)
+        new.head_dim = head_dim  # explicit: no longer hidden_size / num_heads
+
+    if intermediate_size is not None:
+        if intermediate_size < 1:
+            raise ModelError(f"intermediate_size must be at least 1, got {intermediate_size}")
+        setattr(new, spec.intermediate_key, intermediate_size)
+
+    try:
+        new.validate()
+    except Exception as exc:  # the config class's own checks; their errors span several lines
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelError(f"{family} config refuses the change: {lines[-1] if lines else type(exc).__name__}") from None
+    return new
+
+
+def update_model_config(model: nn.Module, config) -> None:
+    """Give `model` the values of `config`, in place: its modules share one config object and keep it."""
+    target = model.config
+    for key, value in vars(config).items():
+        # Private entries are runtime state of the model's own config (attention implementation, ...).
+        if key.startswith("_"):
+            continue
+        if key not in vars(target) or vars(target)[key] != value:
+            setattr(target, key, copy.deepcopy(value))
+
+
+@torch.no_grad()
+def remove_blocks(model: nn.Module, keep: Sequence[int]) -> None:
+    """Keep only the decoder blocks `keep` (original indices), in order; fix indices and the config."""
+    blocks = decoder_blocks(model)
+    kept = _kept(list(keep), len(blocks), "blocks").tolist()
+    config = rewrite_config(model.config, kept_blocks=kept)  # refuses before anything changes
+    for index in reversed(range(len(blocks))):
+        if index not in kept:
+            del blocks[index]  # ModuleList renumbers the rest
+    for position, block in enumerate(blocks):
+        for module in block.modules():
+            # The KV cache is indexed by layer_idx; per-layer types stay with the block (the config's
+            # layer_types follow the kept blocks).
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    update_model_config(model, config)
+
+
+def _family_of(config) -> str:
+    family = getattr(config, "model_type", None)
+    if family not in _FAMILIES:
+        raise ModelError(f"no structure map for model family {family!r} (mapped: {', '.join(_FAMILIES)})")
+    if getattr(config, "is_heterogeneous", False):
+        raise ModelError(f"{family} config with per_layer_config overrides is not supported by the structure map")
+    return family
+
+
+# ---------------------------------------------------------------------------------------------------
+# The family table: names inside one block, config keys, and what each family cannot express
+
+
+@dataclass(frozen=True)
+class _Family:
+    attention: str
+    o: str
+    mlp: str
+    down: str
+    norms: tuple[str, ...]
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    qkv_layout: str = "separate"
+    up: str | None = None
+    gate: str | None = None
+    gate_up: str | None = None
+    head_norms: tuple[str, ...] = ()
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str | None = "num_key_value_heads"
+    intermediate_key: str = "intermediate_size"
+    layers_key: str = "num_hidden_layers"
+    heads_fixed: str = ""  # why heads cannot be removed at all (head_dim derives from hidden_size)
+    head_counters: tuple[tuple[str, str], ...] = ()  # (attribute, "heads" or "kv_heads") on the attention module
+    channel_counters: tuple[str, ...] = ()  # attributes on the MLP module equal to intermediate_size
+    index_dependent_flags: tuple[str, ...] = ()  # config flags that tie a block's maths to its index
+
+
+_PER_LAYER_KEYS = ("layer_types",)  # config lists with one entry per block (Qwen2/3, Gemma 2/3)
+
+_DERIVED_HEAD_DIM = "head_dim is hidden_size / num_heads (no head_dim setting), so fewer heads would change every head"
+
+
+def _llama_like(norms=("input_layernorm", "post_attention_layernorm"), head_norms=()) -> _Family:
+    # Llama, Mistral, Qwen2/3, Gemma 1/2/3: separate q/k/v/o and gate/up/down, explicit head_dim.
+    # Their attention keeps num_key_value_groups (heads per KV group), which whole-group removal preserves.
+    return _Family(attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                   o="self_attn.o_proj", mlp="mlp", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                   norms=norms, head_norms=head_norms, channel_counters=("intermediate_size",))
+
+
+_GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm")
+_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+
+_FAMILIES: dict[str, _Family] = {
+    "llama": _llama_like(),
+    "mistral": _llama_like(),
+    "qwen2": _llama_like(),
+    "qwen3": _llama_like(head_norms=_HEAD_NORMS),
+    "gemma": _llama_like(),
+    "gemma2": _llama_like(norms=_GEMMA2_NORMS),
+    "gemma3_text": _llama_like(norms=_GEMMA2_NORMS, head_norms=_HEAD_NORMS),
+    # Phi-3's attention reads num_attention_heads from its config at forward time to split qkv_proj.
+    "phi3": _Family(attention="self_attn", qkv="self_attn.qkv_proj", qkv_layout="q|k|v", o="self_attn.o_proj",
+                    mlp="mlp", gate_up="mlp.gate_up_proj", down="mlp.down_proj",
+                    norms=("input_layernorm", "post_attention_layernorm"),
+                    head_counters=(("num_key_value_heads", "kv_heads"), ("config.num_attention_heads", "heads"),
+                                   ("config.num_key_value_heads", "kv_heads"))),
+    "opt": _Family(attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                   o="self_attn.out_proj", mlp="", up="fc1", down="fc2",
+                   norms=("self_attn_layer_norm", "final_layer_norm"), kv_heads_key=None,
+                   intermediate_key="ffn_dim", heads_fixed=_DERIVED_HEAD_DIM),
+    "gpt2": _Family(attention="attn", qkv="attn.c_attn", qkv_layout="q|k|v", o="attn.c_proj", mlp="mlp",
+                    up="mlp.c_fc", down="mlp.c_proj", norms=("ln_1", "ln_2"), heads_key="n_head",
+                    kv_heads_key=None, intermediate_key="n_inner", layers_key="n_layer",
+                    heads_fixed=_DERIVED_HEAD_DIM, index_dependent_flags=("scale_attn_by_inverse_layer_idx",)),
+    "gpt_neox": _Family(attention="attention", qkv="attention.query_key_value", qkv_layout="per-head q,k,v",
+                        o="attention.dense", mlp="mlp", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h",
+                        norms=("input_layernorm", "post_attention_layernorm"), kv_heads_key=None,
+                        heads_fixed=_DERIVED_HEAD_DIM),
+}
