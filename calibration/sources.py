@@ -64,6 +64,8 @@ def check_source(source: str, role: str) -> None:
     kind, path = _parse(source, role)
     if kind == "wiki-offline":
         wiki_offline.data_file()
+    elif kind == "file":
+        read_text_file(path)  # decodes and parses it now, so a bad line is named before any work
     elif kind == "tokens":
         load_token_file(path, source)
     elif kind in HUB_SOURCES:
@@ -126,7 +128,13 @@ def _token_stream(kind: str, path: Path | None, tokenizer, role: str) -> torch.T
 
 def read_text_file(path: Path) -> str:
     """A .txt file's whole text, or a .jsonl file's "text" fields joined with "\\n\\n"."""
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise SourceError(f"file:{path} line {line} is not UTF-8 text (byte {data[error.start]:#04x}); "
+                          "convert the file to UTF-8") from None
     if path.suffix.lower() == ".txt":
         return text
     documents = []

@@ -1,6 +1,6 @@
 """`python -m oneshot` is the same as the `oneshot` command."""
 import sys
 
-from .cli import main
+from ._console import main
 
 sys.exit(main())

@@ -17,3 +17,7 @@ class RunError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (from `timeout`, `docker stop`, a batch scheduler), handled exactly as Ctrl-C is."""

@@ -255,31 +255,44 @@ def _check_count(value, flag: str, minimum: int = 1) -> None:
 
 
 def _check_outputs(spec: RunSpec, name) -> None:
-    """Output directories and the checkpoint, before any work."""
-    outputs = [(name("output"), spec.output), (name("save_model"), spec.save_model)]
+    """Every path the run writes, before any work: kind, writability, collisions with each other and
+    with every file the run reads."""
+    from . import paths
+
     if spec.kind == "eval" and spec.save_model:
         raise UsageError("an eval run saves no model; leave out " + name("save_model"))
-    for flag, directory in outputs:
-        if directory is None:
-            continue
-        _check_text(directory, flag)
-        path = Path(directory).expanduser()
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{flag} {directory} is a file, not a directory")
-        if not spec.overwrite and path.exists() and any(path.iterdir()):
-            raise UsageError(f"{flag} {directory} already exists and is not empty; choose a new directory "
-                             f"or pass {name('overwrite')}")
-    if spec.output and spec.save_model and Path(spec.output).resolve() == Path(spec.save_model).resolve():
-        raise UsageError(f"{name('output')} and {name('save_model')} must be different directories")
+    outputs = []
+    for key, whole in (("output", False), ("save_model", True)):
+        value = getattr(spec, key)
+        if value is not None:
+            outputs.append((name(key), paths.output_dir(value, name(key), spec.overwrite, name("overwrite")), whole))
     if spec.resume and not spec.checkpoint_dir:
         raise UsageError(f"{name('resume')} needs {name('checkpoint_dir')} (the directory of the run to continue)")
-    if spec.checkpoint_dir:
-        state = Path(spec.checkpoint_dir).expanduser() / "state.json"
+    if spec.checkpoint_dir is not None:
+        directory = paths.output_dir(spec.checkpoint_dir, name("checkpoint_dir"), allow_existing=True)
+        state = directory / "state.json"
         if state.exists() and not spec.resume:
             raise UsageError(f"{name('checkpoint_dir')} {spec.checkpoint_dir} holds a checkpoint; pass "
                              f"{name('resume')} to continue it, or choose another directory")
         if spec.resume and not state.exists():
             raise UsageError(f"{name('resume')}: {spec.checkpoint_dir} holds no checkpoint (no state.json)")
+        outputs.append((name("checkpoint_dir"), directory, False))
+    paths.check_collisions(outputs, input_paths(spec, name))
+
+
+def input_paths(spec: RunSpec, name) -> list[tuple[str, Path]]:
+    """The files and directories a run reads, resolved: the model, file:/tokens: sources."""
+    found = []
+    model = Path(spec.model).expanduser()
+    if not spec.model.startswith("random:") and model.exists():
+        found.append((name("model"), model.resolve()))
+    sources = [(name("calibration.source"), spec.calibration.source)]
+    sources += [(name("eval.ppl"), source) for source in spec.eval.ppl]
+    for flag, source in sources:
+        for prefix in ("file:", "tokens:"):
+            if isinstance(source, str) and source.startswith(prefix):
+                found.append((flag, Path(source[len(prefix):]).expanduser().resolve()))
+    return found
 
 
 def _prepare_zeroshot(spec: RunSpec, model_kind: str, name):

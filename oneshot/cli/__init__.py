@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .. import __version__
-from ..errors import RunError, UsageError
+from ..errors import RunError, Terminated, UsageError
 from .prune import add_eval_parser, add_prune_parser
 from .sweep import add_report_parser, add_sweep_parser
 
@@ -45,9 +46,31 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
+def _interrupted(signum, _frame):
+    """The first SIGINT or SIGTERM unwinds the run (temporary files are removed on the way out);
+    further ones are ignored so that the clean-up itself is not cut short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def main(argv: list[str] | None = None) -> int:
     """`oneshot COMMAND ...`: a bad argument or a failed run is one line on stderr and an exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    handlers = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handlers[signum] = signal.signal(signum, _interrupted)
+    except ValueError:  # not the main thread (an embedding program): leave its signals alone
+        pass
+    try:
+        return _main(argv)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -60,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"oneshot: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("oneshot: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"oneshot: {what}; temporary files were removed and nothing partial was written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:  # `oneshot ... | head`: the reader left; say nothing more
         import os
 

@@ -28,7 +28,7 @@ def sweep_command(args) -> int:
     from ..sweep import load_config, run_sweep
 
     config = load_config(args.config)
-    return run_sweep(config, Path(args.results).expanduser() if args.results else None,
+    return run_sweep(config, args.results,
                      dry_run=args.dry_run, verbose=args.verbose, reload=args.reload)
 
 
@@ -58,7 +58,7 @@ def report_command(args) -> int:
         if config.paper is None:
             raise UsageError(f"--paper {args.paper}: that config has no `paper` block")
         paper = config.paper
-    written = make_report(target, Path(args.out).expanduser() if args.out else None, paper)
+    written = make_report(target, args.out, paper)
     for kind, path in written.items():
         print(path if kind == "no_png" else f"wrote {path}", file=sys.stderr)
     return 0

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..paths import share_like_save_pretrained
+
 LINEAGE_KEYS = ("model", "model_source", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
                 "seed", "ppl", "versions", "options", "allocation")
 
@@ -34,6 +36,7 @@ def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
             lineage["zeroshot"] = {key: record["zeroshot"][key] for key in ("suite", "limit", "mean_acc", "tasks")}
         (tmp / "oneshot.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (tmp / "README.md").write_text(lineage_card(lineage))
+        share_like_save_pretrained(tmp)  # mkdtemp made it 0700: give it the user's usual permissions
         old = None
         if final.exists():  # empty, or --overwrite: swap, so a model is in place at every moment
             old = final.with_name(f".{final.name}.old")

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,9 @@ class LoadedModel:
     source: str  # where the weights came from
 
 
+BYTE_TOKENIZER_FILE = "oneshot_byte_tokenizer.json"
+
+
 class ByteTokenizer:
     """Text -> UTF-8 bytes as token ids (0..255): lets random models read real text offline."""
 
@@ -82,8 +86,12 @@ class ByteTokenizer:
     def decode(self, ids, **_):
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def save_pretrained(self, _directory):  # nothing to save: the byte mapping is fixed
-        return ()
+    def save_pretrained(self, directory):
+        """A marker file: the byte mapping is fixed, and oneshot loads a model directory holding this
+        file with a ByteTokenizer (`oneshot eval --pruned DIR` of a random: model)."""
+        path = Path(directory) / BYTE_TOKENIZER_FILE
+        path.write_text(json.dumps({"tokenizer": "utf-8 bytes", "vocab_size": self.vocab_size}) + "\n")
+        return (str(path),)
 
 
 class _Encoding(dict):
@@ -128,6 +136,7 @@ def check_model_spec(spec: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec} is not a model directory (no config.json)")
+        _check_local_files(path, spec)
         return "local"
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise ModelError(f"unknown model {spec!r}: not a built-in alias ({', '.join(ALIASES)}), a random:<preset>, "
@@ -136,6 +145,42 @@ def check_model_spec(spec: str) -> str:
         raise ModelError(f"model {spec} is not in the local Hugging Face cache and the Hub is unreachable; "
                          f"offline you can use {', '.join(ALIASES)}, random:<preset>, a .gguf file or a local directory")
     return "hub"
+
+
+def _check_local_files(path: Path, spec: str) -> None:
+    """Damaged files of a model directory are named before any work: the config, the lineage card,
+    and every safetensors file's header and length (read lazily: no weights are loaded)."""
+    for name in ("config.json", "oneshot.json"):
+        if (path / name).is_file():
+            try:
+                data = json.loads((path / name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ModelError(f"{path / name} is damaged ({' '.join(str(exc).split())}); restore it or save the "
+                                 "model again") from None
+            if not isinstance(data, dict):
+                raise ModelError(f"{path / name} is damaged (not a JSON object); restore it or save the model again")
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        from safetensors import safe_open
+
+        for shard in shards:
+            try:
+                with safe_open(shard, framework="pt") as handle:
+                    handle.keys()
+                _check_safetensors_length(shard)
+            except Exception as exc:  # safetensors raises its own error types for damaged files
+                raise ModelError(f"{shard} is damaged or truncated ({' '.join(str(exc).split())}); save the model "
+                                 "again") from None
+
+
+def _check_safetensors_length(shard: Path) -> None:
+    """The file holds every byte its header promises (a copy cut short still has a valid header)."""
+    with open(shard, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if shard.stat().st_size < 8 + header_size + end:
+        raise ValueError(f"{shard.stat().st_size} bytes, the header promises {8 + header_size + end}")
 
 
 def _hub_model_available(repo_id: str) -> bool:
@@ -209,15 +254,18 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         source = str(path)
     else:
         where, extra, source = spec, {}, spec
+    byte_tokens = kind == "local" and (Path(spec).expanduser() / BYTE_TOKENIZER_FILE).is_file()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # loading draws bars of its own; ours per block are enough
     gguf_bar = _quiet_gguf_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        tokenizer = ByteTokenizer() if byte_tokens else _load_tokenizer(AutoTokenizer, where, spec, extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load model {spec}: {str(exc).splitlines()[0]}") from None
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers raises many kinds for a model it cannot build
+        raise ModelError(f"could not load model {spec}: {' '.join(str(exc).split())[:400]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
@@ -230,6 +278,15 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
             del model.config.quantization_config
     model.config.use_cache = False
     return LoadedModel(model.eval(), tokenizer, spec, source)
+
+
+def _load_tokenizer(auto, where, spec, extra):
+    try:
+        return auto.from_pretrained(where, **extra)
+    except Exception as exc:  # noqa: BLE001 - the message below says what to change
+        raise ModelError(f"could not load the tokenizer of {spec} ({' '.join(str(exc).split())[:200]}); the "
+                         "directory needs the base model's tokenizer files (tokenizer.json or tokenizer.model "
+                         "with tokenizer_config.json): copy them in") from None
 
 
 def _quiet_gguf_bar():

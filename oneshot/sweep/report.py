@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..atomic import write_atomic
 from ..errors import UsageError
-from .store import read_results
+from .store import numbered_records
 
 METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt")
 DENSE_PATTERN = "-"
@@ -33,15 +33,56 @@ ZEROSHOT = "zero-shot mean acc"
 
 # ---- reading -------------------------------------------------------------------------------------
 
-def load_records(path: Path) -> tuple[list[dict], int]:
-    """Records of a results JSONL, the last one per run_key; and the number of unreadable lines."""
+def load_records(path: Path) -> tuple[list[dict], list[str]]:
+    """Records of a results JSONL, the last one per run_key; and one note per line skipped
+    (unreadable, or a record whose fields a table cannot use)."""
     if not path.is_file():
-        raise UsageError(f"results {path}: no such file")
-    records, bad = read_results(path)
+        raise UsageError(f"results {path}: no such file" if not path.exists() else f"results {path} is not a file")
+    numbered, bad = numbered_records(path)
+    notes = [(number, "not a JSON record (an interrupted write?)") for number in bad]
     latest = {}
-    for i, record in enumerate(records):
-        latest[record.get("run_key") or f"line-{i}"] = record
-    return list(latest.values()), bad
+    for number, record in numbered:
+        problem = record_problem(record)
+        if problem:
+            notes.append((number, problem))
+            continue
+        latest[record.get("run_key") or f"line-{number}"] = record
+    return list(latest.values()), [f"line {number}: {problem}" for number, problem in sorted(notes)]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def record_problem(record: dict) -> str | None:
+    """Why a record cannot go into a table (one phrase), or None: every field the tables read is checked."""
+    from ..methods import PatternError, parse_pattern
+
+    for key in ("model", "method"):
+        if not isinstance(record.get(key), str):
+            return f"{key} is {record.get(key)!r}, not text"
+    pattern = record.get("pattern", "unstructured")
+    if record["method"] != "dense":
+        try:
+            if not isinstance(pattern, str):
+                raise PatternError(pattern)
+            parse_pattern(pattern)
+        except PatternError:
+            return f"pattern {pattern!r} is not a pattern"
+    if record.get("sparsity_target") is not None and not _is_number(record["sparsity_target"]):
+        return f"sparsity_target {record['sparsity_target']!r} is not a number"
+    ppl = record.get("ppl") or {}
+    if not isinstance(ppl, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in ppl.items()):
+        return f"ppl {ppl!r} is not a mapping of source to number"
+    windows = (record.get("eval") or {}).get("windows") if isinstance(record.get("eval") or {}, dict) else None
+    if windows is not None and not (isinstance(windows, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) for v in windows.values())):
+        return f"eval.windows {windows!r} is not a mapping of source to [windows, seqlen]"
+    zeroshot = record.get("zeroshot")
+    if zeroshot is not None and not (isinstance(zeroshot, dict) and (
+            zeroshot.get("mean_acc") is None or _is_number(zeroshot.get("mean_acc")))):
+        return "zeroshot.mean_acc is not a number"
+    return None
 
 
 def _row_key(record: dict) -> tuple:
@@ -295,20 +336,27 @@ def plot(grid: Grid, path: Path, paper: dict | None = None) -> bool | None:
 
 # ---- command line --------------------------------------------------------------------------------
 
-def make_report(results: Path, out_dir: Path | None = None, paper: dict | None = None, out=None) -> dict:
+def make_report(results: Path, out_dir: str | Path | None = None, paper: dict | None = None, out=None) -> dict:
     """Write the report files; returns {kind: path}. Prints the markdown to `out` (stdout)."""
     out = out or sys.stdout
-    records, bad = load_records(results)
+    records, notes = load_records(results)
     if not records:
-        raise UsageError(f"results {results}: no records yet (run `oneshot sweep` first)")
+        why = f" ({len(notes)} line(s) skipped: {notes[0]})" if notes else ""
+        raise UsageError(f"results {results}: no usable records{why}; run `oneshot sweep` first")
     grid = build_grid(records)
     comparison = (paper, compare_with_paper(grid, paper)) if paper else None
     markdown = render_markdown(grid, f"Results: {results.name} ({len(records)} runs)", comparison)
-    if bad:
-        markdown += f"\nNote: {bad} unreadable line(s) in {results.name} were skipped.\n"
-    out_dir = out_dir or results.parent
+    if notes:
+        markdown += (f"\nNote: {len(notes)} line(s) of {results.name} were skipped: " + "; ".join(notes[:5])
+                     + ("; ..." if len(notes) > 5 else "") + "\n")
+    from ..paths import output_dir
+
+    out_dir = output_dir(str(results.parent if out_dir is None else out_dir), "--out", allow_existing=True)
     stem = results.stem
     written = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
+    for path in (*written.values(), out_dir / f"{stem}.png", out_dir / f"{stem}.paper.csv"):
+        if path == results.resolve():
+            raise UsageError(f"the report would overwrite its own results file {results}; rename it to .jsonl")
     write_atomic(written["markdown"], markdown.encode())
     write_csv(grid, written["csv"])
     if comparison:

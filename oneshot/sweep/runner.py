@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..api import run
-from ..errors import RunError, UsageError
+from ..errors import RunError, Terminated, UsageError
 from ..spec import validate
 from .config import SWEEP_NAMES, SweepConfig, check_runs, label, run_key
 from .store import append_record, read_results
@@ -77,7 +77,10 @@ def run_one(spec, models: _Models):
 def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = False, verbose: bool = False,
               reload: bool = False, out=None) -> int:
     out = out or sys.stdout
-    results = Path(results) if results is not None else config.results
+    from ..paths import results_file
+
+    results = results_file(str(results) if results is not None else str(config.results),
+                           "--results" if results is not None else f"config {config.path.name}: results")
     check_runs(config)
     runs = config.runs()
     records, bad = read_results(results)
@@ -128,10 +131,10 @@ def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = 
             append_record(results, record)
             finished += 1
             say(f"{_summary(record)} ({seconds:.0f} s)")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         say("")
         say(f"interrupted: {finished} run(s) recorded this time in {results}; run the same command to resume")
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
         logger.setLevel(level)
     total = time.perf_counter() - started

@@ -12,23 +12,29 @@ from pathlib import Path
 
 def read_results(path: Path) -> tuple[list[dict], int]:
     """(records, unreadable lines). A torn last line from a killed write is unreadable and ignored."""
-    records, bad = [], 0
+    numbered, bad = numbered_records(path)
+    return [record for _line, record in numbered], len(bad)
+
+
+def numbered_records(path: Path) -> tuple[list[tuple[int, dict]], list[int]]:
+    """([(line number, record)], [numbers of unreadable lines])."""
+    records, bad = [], []
     if not path.exists():
         return records, bad
     with open(path, "rb") as handle:
-        for raw in handle:
+        for number, raw in enumerate(handle, start=1):
             line = raw.strip()
             if not line:
                 continue
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                bad += 1
+                bad.append(number)
                 continue
             if isinstance(record, dict):
-                records.append(record)
+                records.append((number, record))
             else:
-                bad += 1
+                bad.append(number)
     return records, bad
 
 
