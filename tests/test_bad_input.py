@@ -42,11 +42,15 @@ def _setup(tmp: Path) -> None:
     (tmp / "no_config").mkdir()
     (tmp / "broken_config").mkdir()
     (tmp / "broken_config" / "config.json").write_text("{not json")
+    (tmp / "no_tokenizer").mkdir()
+    (tmp / "no_tokenizer" / "config.json").write_text('{"model_type": "llama"}')
     (tmp / "broken_card").mkdir()
     (tmp / "broken_card" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp / "broken_card" / "tokenizer.json").write_text("{}")
     (tmp / "broken_card" / "oneshot.json").write_text('{"method": "wanda", ')
     (tmp / "truncated").mkdir()
     (tmp / "truncated" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp / "truncated" / "tokenizer.json").write_text("{}")
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(64, 64)}, str(tmp / "truncated" / "model.safetensors"))
@@ -143,6 +147,7 @@ CASES = [
     (["eval", "--pruned", "{tmp}/no_config"], "no config.json"),
     (["eval", "--pruned", "{tmp}/broken_card"], "oneshot.json is damaged"),
     (["eval", "--pruned", "{tmp}/truncated"], "damaged or truncated"),
+    (["eval", "--pruned", "{tmp}/no_tokenizer"], "no tokenizer files"),
     (["eval", "--model", "random:tiny-llama", "--eval-ppl", "none"], "nothing to evaluate"),
     (["eval", "--model", "random:tiny-llama", "--output", "{tmp}/a_file"], "is a file"),
     (["eval", "--model", "random:tiny-llama", "--seqlen", "0"], "--seqlen"),

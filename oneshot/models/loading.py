@@ -159,6 +159,10 @@ def _check_local_files(path: Path, spec: str) -> None:
                                  "model again") from None
             if not isinstance(data, dict):
                 raise ModelError(f"{path / name} is damaged (not a JSON object); restore it or save the model again")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", BYTE_TOKENIZER_FILE)
+    if not any((path / name).is_file() for name in tokenizer_files):
+        raise ModelError(f"{spec} has no tokenizer files ({', '.join(tokenizer_files[:3])}); copy the base model's "
+                         "tokenizer files into it")
     shards = sorted(path.glob("*.safetensors"))
     if shards:
         from safetensors import safe_open
