@@ -50,14 +50,14 @@ class _Models:
     def get(self, spec):
         if not self.keep:
             return None
-        from ..models import load_model
+        from ..models import check_model_spec, load_model
+        from ..spec import resolve_device, resolve_dtype
 
-        plan = validate(spec, SWEEP_NAMES)
-        key = (spec.model, plan.dtype, spec.seed)
+        dtype = resolve_dtype(spec.dtype, resolve_device(spec.device), spec.model, check_model_spec(spec.model))
+        key = (spec.model, dtype, spec.seed)
         if key not in self.kept:
-            start = time.perf_counter()
-            self.kept[key] = (load_model(spec.model, dtype=plan.dtype, seed=spec.seed), time.perf_counter() - start)
-        loaded, _seconds = self.kept[key]
+            self.kept[key] = load_model(spec.model, dtype=dtype, seed=spec.seed)
+        loaded = self.kept[key]
         return type(loaded)(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
 
 
