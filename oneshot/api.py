@@ -90,7 +90,7 @@ def _run(plan: Plan, loaded) -> Record:
         zeroshot=zeroshot, calibration=calibration, seed=spec.seed,
         **provenance(device, plan.dtype, timings, spec.to_argv()),
         options=plan.method_options,
-        allocation={"name": plan.allocation.name, "options": plan.allocation_options},
+        allocation={"name": plan.allocation.name, "options": plan.allocation_options}, sequential=spec.sequential,
         sparsity_target_per_layer=report.layer_target, lineage=lineage,
     )
     if spec.save_model:
@@ -171,7 +171,7 @@ def _allocate(plan: Plan, model, ids) -> dict[str, float]:
 
 def _prune(plan: Plan, model, targets, ids):
     from .checkpoint import Checkpoint
-    from .engine import prune_model
+    from .engine import DEFAULT_STAGES, SEQUENTIAL_STAGES, prune_model
 
     spec = plan.spec
     checkpoint = None
@@ -179,7 +179,8 @@ def _prune(plan: Plan, model, targets, ids):
         checkpoint = Checkpoint(spec.checkpoint_dir, {"model": spec.model, "dtype": str(plan.dtype), "seed": spec.seed})
     return prune_model(model, plan.method, targets, plan.pattern, ids if plan.method.statistic else None,
                        device=plan.device, batch_size=spec.batch_size, options=plan.method_options,
-                       progress=spec.progress, checkpoint=checkpoint)
+                       progress=spec.progress, checkpoint=checkpoint,
+                       stages=SEQUENTIAL_STAGES if spec.sequential else DEFAULT_STAGES)
 
 
 def _evaluate(plan: Plan, loaded, seqlen, timings) -> tuple[dict, dict, dict | None]:

@@ -49,6 +49,7 @@ class Record:
     schema_version: int = SCHEMA_VERSION
     options: dict = field(default_factory=dict)  # the method's options as given (defaults are not repeated)
     allocation: dict = field(default_factory=lambda: {"name": "uniform", "options": {}})
+    sequential: bool = False  # sublayer-sequential calibration
     sparsity_target_per_layer: dict = field(default_factory=dict)
     lineage: dict | None = None  # eval of a saved model: its oneshot.json
     run_key: str | None = None  # set by a sweep

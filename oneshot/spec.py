@@ -22,7 +22,7 @@ SEED_LIMIT = 2**32  # numpy's and torch's seeds alike
 # How each field is spelled on the command line, and in a YAML config.
 FLAG_NAMES = {
     "model": "--model", "method": "--method", "options": "--option", "sparsity": "--sparsity",
-    "pattern": "--pattern", "allocation": "--allocation", "calibration.source": "--calibration",
+    "pattern": "--pattern", "allocation": "--allocation", "sequential": "--sequential", "calibration.source": "--calibration",
     "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen", "seed": "--seed",
     "eval.ppl": "--eval-ppl", "eval.samples": "--eval-samples", "eval.tasks": "--eval-tasks",
     "eval.limit": "--eval-limit", "eval.batch_size": "--eval-batch-size", "device": "--device", "dtype": "--dtype",
@@ -59,6 +59,7 @@ class RunSpec:
     sparsity: float | None = None  # default 0.5; N:M patterns fix it to N/M
     pattern: str = "unstructured"
     allocation: str = "uniform"
+    sequential: bool = False  # sublayer-sequential calibration (engine/sequential.py)
     calibration: Calibration = field(default_factory=Calibration)
     eval: Evaluation = field(default_factory=Evaluation)
     seed: int = 0  # calibration sampling and random models
@@ -88,6 +89,8 @@ class RunSpec:
                 argv += ["--sparsity", repr(float(self.sparsity))]
             if self.allocation != "uniform":
                 argv += ["--allocation", self.allocation]
+            if self.sequential:
+                argv += ["--sequential"]
             for name, value in self.options.items():
                 argv += ["--option", f"{name}={value}"]
             calibration = self.calibration
@@ -216,6 +219,8 @@ def validate_fields(spec: RunSpec, names: dict | None = None) -> dict:
         raise UsageError(f"unknown device {spec.device!r}; choose auto, cpu, cuda or cuda:N")
     if spec.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {spec.dtype!r}; choose {', '.join(DTYPES)}")
+    if not isinstance(spec.sequential, bool):
+        raise UsageError(f"{name('sequential')} must be true or false, not {spec.sequential!r}")
     if not isinstance(spec.calibration.source, str) or not spec.calibration.source.strip():
         raise UsageError(f"{name('calibration.source')} must be a source name")
     return dict(method=method, method_options=method_options, allocation=allocation,
@@ -346,7 +351,7 @@ def resolve_dtype(text: str, device: str, model: str, model_kind: str):
 
 # ---- a RunSpec from a mapping (YAML) ---------------------------------------------------------------
 
-RUN_KEYS = ("model", "method", "options", "sparsity", "pattern", "allocation", "calibration", "eval", "seed", "device",
+RUN_KEYS = ("model", "method", "options", "sparsity", "pattern", "allocation", "sequential", "calibration", "eval", "seed", "device",
             "dtype", "batch_size", "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline")
 CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
 EVAL_KEYS = ("ppl", "samples", "tasks", "limit", "batch_size")
@@ -358,7 +363,7 @@ def spec_from_mapping(data: dict, where: str, base: RunSpec | None = None, relat
     spec = base or RunSpec()
     check_keys(data, RUN_KEYS, "", where)
     changes = {}
-    for key in ("model", "method", "sparsity", "pattern", "allocation", "seed", "device", "dtype", "batch_size",
+    for key in ("model", "method", "sparsity", "pattern", "allocation", "sequential", "seed", "device", "dtype", "batch_size",
                 "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline"):
         if key in data and data[key] is not None:
             changes[key] = data[key]

@@ -11,7 +11,7 @@ from ..spec import DTYPES, RunSpec, source_list, spec_from_mapping
 
 # flag dest -> RunSpec field ("calibration.x" and "eval.x" for the nested ones)
 _FIELDS = {
-    "model": "model", "method": "method", "sparsity": "sparsity", "pattern": "pattern", "allocation": "allocation",
+    "model": "model", "method": "method", "sparsity": "sparsity", "pattern": "pattern", "allocation": "allocation", "sequential": "sequential",
     "calibration": "calibration.source", "nsamples": "calibration.nsamples", "seqlen": "calibration.seqlen",
     "seed": "seed", "eval_ppl": "eval.ppl", "eval_samples": "eval.samples", "eval_tasks": "eval.tasks",
     "eval_limit": "eval.limit", "eval_batch_size": "eval.batch_size", "device": "device", "dtype": "dtype",
@@ -49,6 +49,9 @@ def add_prune_parser(commands) -> None:
                    help="fraction of weights to prune, in [0, 1); default 0.5 (N:M patterns fix it to N/M)")
     p.add_argument("--pattern", help="unstructured (default) or N:M (N of every M inputs pruned), e.g. 2:4")
     p.add_argument("--allocation", help="per-layer sparsity: uniform (default)")
+    p.add_argument("--sequential", action="store_true",
+                   help="sublayer-sequential calibration: each group of layers (q/k/v, o, gate/up, down) is pruned "
+                        "before calibration data passes through it; the block runs once")
     p.add_argument("--calibration", help="wiki-offline (default) | c4 | wikitext2 | ptb | file:PATH | tokens:PATH")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128; all rows for tokens:)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default 2048; the file's for tokens:)")

@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..spec import YAML_NAMES, Calibration, Evaluation, RunSpec, check_keys, resolve_path, resolve_source, source_list
 from ..yamlio import read_yaml
 
-TOP_KEYS = ("models", "methods", "patterns", "sparsities", "allocations", "options", "calibration", "eval", "device",
+TOP_KEYS = ("models", "methods", "patterns", "sparsities", "allocations", "options", "sequential", "calibration", "eval", "device",
             "dtype", "batch_size", "results", "paper")
 CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
 EVAL_KEYS = ("ppl", "samples", "tasks", "limit")
@@ -82,6 +82,8 @@ def key_config(spec: RunSpec) -> dict:
         key["options"] = dict(sorted(spec.options.items()))
     if spec.allocation != "uniform":
         key["allocation"] = spec.allocation
+    if spec.sequential:
+        key["sequential"] = True
     return key
 
 
@@ -121,7 +123,8 @@ class SweepConfig:
 
         runs = []
         for model in self.models:
-            runs.append(self.base.replace(model=model, method="dense", pattern="unstructured", sparsity=None))
+            runs.append(self.base.replace(model=model, method="dense", pattern="unstructured", sparsity=None,
+                                          sequential=False))
             for pattern, method, allocation in itertools.product(self.patterns, self.methods, self.allocations):
                 if method == "dense":
                     continue
@@ -211,7 +214,7 @@ def load_config(path: str | Path) -> SweepConfig:
     base = RunSpec(calibration=Calibration(source, nsamples, cal["seqlen"]), seed=cal["seed"],
                    eval=Evaluation(tuple(ppl), raw_eval.get("samples"), tasks, raw_eval.get("limit")),
                    device=data.get("device", "auto"), dtype=data.get("dtype", "auto"),
-                   batch_size=data.get("batch_size"), progress=False)
+                   batch_size=data.get("batch_size"), sequential=data.get("sequential", False), progress=False)
     results = data.get("results", f"{path.stem}.jsonl")
     if not isinstance(results, str) or not results.strip():
         raise UsageError(f"{where}: results must be a file path")

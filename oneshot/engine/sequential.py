@@ -1,0 +1,155 @@
+"""Sublayer-sequential calibration: each group of layers is pruned before any calibration data passes
+through it, so that its statistic comes from the inputs the pruned layers before it produce.
+
+Inside a block, layers that read the same tensor form a group (q/k/v; gate/up), and the groups run in
+forward order: q/k/v are pruned from the block's inputs, then o_proj's statistic is gathered from the
+attention with its pruned inputs, then the MLP likewise (SparseGPT's "true sequential" order).
+
+The block runs once. Every calibration chunk's forward is a thread; a hook at the first layer of each
+group feeds that group's statistic and pauses the chunk there. When every chunk has paused at a group,
+the group is pruned and the chunks go on. Only one chunk computes at any moment (they take turns), so
+the device sees the same work as one plain forward of the calibration set; at the end each chunk's
+output, computed with every layer already pruned, is the next block's input. No family needs code of
+its own: the groups are found by watching which layers read the same tensor on one chunk first.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..methods import NumericsError
+from .capture import Caught, forward_block, store
+from .stages import BlockVisit, check_finite, prune_layers
+
+
+def _groups(visit: BlockVisit) -> list[list[str]]:
+    """Layers in first-call order, grouped by the tensor they read (found on the first chunk)."""
+    order, inputs = [], []
+
+    def hook(name):
+        def fn(_module, args):
+            if name in order:
+                return
+            order.append(name)
+            inputs.append(args[0])
+            if len(order) == len(visit.layers):
+                raise Caught  # every layer seen: the rest of the forward is not needed
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in visit.layers.items()]
+    try:
+        forward_block(visit.block, visit.inputs.hidden[0], visit.inputs.calls[visit.index][0], visit.device)
+    except Caught:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if sorted(order) != sorted(visit.layers):
+        missing = sorted(set(visit.layers) - set(order))
+        raise NumericsError(f"block {visit.index}: layers {', '.join(missing)} did not run on the first calibration "
+                            "chunk; sublayer-sequential calibration needs every layer to see every chunk")
+    groups: list[list[str]] = []
+    for name, x in zip(order, inputs):
+        for group in groups:
+            if inputs[order.index(group[0])] is x:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+class _Chunk(threading.Thread):
+    """One chunk's forward, run a step at a time: from pause to pause, on the caller's command."""
+
+    def __init__(self, work):
+        super().__init__(daemon=True)  # an interrupted run must not wait for paused chunks
+        self.work, self.result, self.error = work, None, None
+        self._go, self._paused = threading.Event(), threading.Event()
+
+    def run(self):
+        self._go.wait()
+        self._go.clear()
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                self.result = self.work()
+        except BaseException as exc:  # handed to the caller, who raises it
+            self.error = exc
+        finally:
+            self.work = None
+            self._paused.set()
+
+    def pause(self):
+        """Called inside this thread: hand control back and wait for the next step."""
+        self._paused.set()
+        self._go.wait()
+        self._go.clear()
+
+    def step(self):
+        """Called by the engine: run this chunk to its next pause (or its end)."""
+        self._paused.clear()
+        self._go.set()
+        self._paused.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def sublayer_sequential(visit: BlockVisit) -> None:
+    """A stage that replaces gather_statistics -> prune_layers -> propagate for one block."""
+    if visit.inputs is None or visit.method.statistic is None:  # nothing to calibrate: prune as usual
+        prune_layers(visit)
+        return
+    groups = _groups(visit)
+    first_of = {group[0]: g for g, group in enumerate(groups)}
+    statistic, device = visit.method.statistic, visit.device
+    accumulators = [None] * len(groups)
+    finite = [True] * len(groups)
+    calls = visit.inputs.calls[visit.index]
+    chunks = []
+
+    def hook(name):
+        g = first_of[name]
+
+        def fn(_module, args):
+            x = args[0]
+            if accumulators[g] is None:
+                accumulators[g] = statistic(x.shape[-1], device, x.dtype)
+            accumulators[g].add(x, sequences[threading.current_thread()])
+            finite[g] = finite[g] & torch.isfinite(x).all()
+            threading.current_thread().pause()
+        return fn
+
+    sequences = {}
+    for hidden, call in zip(visit.inputs.hidden, calls):
+        chunk = _Chunk(lambda hidden=hidden, call=call: forward_block(visit.block, hidden, call, device))
+        sequences[chunk] = hidden.shape[0]
+        chunks.append(chunk)
+    handles = [visit.layers[name].register_forward_pre_hook(hook(name)) for name in first_of]
+    try:
+        for chunk in chunks:
+            chunk.start()
+        for g, group in enumerate(groups):
+            visit.on_phase(f"group {g + 1}/{len(groups)}")
+            for chunk in chunks:
+                chunk.step()  # each chunk runs on to this group's first layer and feeds its statistic
+            if not bool(finite[g]):
+                raise NumericsError(f"block {visit.index}, layer {group[0]}: its input contains NaN or inf; check "
+                                    "the model's weights and --dtype")
+            for name in group:
+                visit.stats[name] = accumulators[g]
+            prune_layers(visit, group)
+            accumulators[g] = None
+        visit.on_phase("forward")
+        for chunk in chunks:
+            chunk.step()  # on to the block's output, every layer pruned
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not visit.last:
+        offload = visit.inputs.hidden[0].device.type == "cpu" and device.type == "cuda"
+        visit.inputs.hidden = [store(chunk.result, offload) for chunk in chunks]
+        check_finite(visit.inputs.hidden, f"the outputs of block {visit.index} after pruning")
+
+
+SEQUENTIAL_STAGES = (sublayer_sequential,)
