@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .admm import ADMM_OPTIONS, AdmmHessian, admm_prune, prepare_admm
 from .magnitude import magnitude_prune
 from .masks import PatternError, Pattern, PruneResult, check_sparsity, parse_pattern
 from .sparsegpt import InverseHessian, NumericsError, prepare_hessian, sparsegpt_prune
@@ -52,6 +53,6 @@ def get_method(name: str) -> Method:
 __all__ = [
     "METHODS", "Method", "get_method", "Pattern", "PatternError", "PruneResult", "NumericsError",
     "parse_pattern", "check_sparsity", "magnitude_prune", "wanda_prune", "sparsegpt_prune", "prepare_hessian",
-    "InverseHessian",
+    "InverseHessian", "admm_prune", "prepare_admm", "ADMM_OPTIONS", "AdmmHessian",
     "Hessian", "ActSqNorm",
 ]
