@@ -261,3 +261,19 @@ def test_admm_singular_hessian_works():
     result = admm_prune(weight, hessian, 0.5, UNSTRUCTURED)
     assert torch.isfinite(result.weight).all()
     assert int(result.mask.sum()) == 32 * 32
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_admm_counts_stay_exact_when_all_scores_tie(pattern):
+    pattern = parse_pattern(pattern)
+    g = torch.Generator().manual_seed(21)
+    weight = torch.where(torch.rand(40, 64, generator=g) < 0.5, -1.0, 1.0)  # every |w| equal
+    hessian = torch.eye(64)  # every input equally loud: every score ties
+    result = admm_prune(weight, hessian, 0.55, pattern, iterations=0)
+    if pattern.structured:
+        groups = result.mask.reshape(40, 64 // pattern.m, pattern.m)
+        assert torch.all(groups.sum(-1) == pattern.n)
+        assert torch.all(groups[..., :pattern.n])  # ties go to the lower input
+    else:
+        assert int(result.mask.sum()) == int(weight.numel() * 0.55)
+    assert torch.all(result.weight[result.mask] == 0)
