@@ -21,9 +21,8 @@ Z - U = V with the pruned entries negated, which is what the loop computes.
 
 Projection P. N:M: the N smallest |.| of every M consecutive inputs per row are pruned. Unstructured:
 one count over the whole matrix, floor(rows * cols * p) entries, as both reference codes do by
-default: a matrix-wide budget lets the solver put the zeros where they cost least, which gives a
-lower error than a per-row budget (SparseGPT's own rule is also not per row: one threshold per
-column block).
+default: a matrix-wide budget lets the solver put the zeros where they cost least (SparseGPT's own
+rule is not per row either: one threshold per column block).
 
 Mask phase-in (Boza's gradual pruning). During the first T = phase_steps iterations the pruned share
 rises as p_t = p (1 - (1 - t/T)^3), t = 1..T, and the mask is recomputed from X + U each time, so a
@@ -44,9 +43,8 @@ rho 1: 0.762; ours, 12 iterations, 10 phase-in, rho 0.8, a 1.5: 0.751. rho below
 Refit. The ADMM output is Z = P(X + U). Optionally (refit_iters > 0) refine the kept weights by
 conjugate gradient on A restricted to the support, each output row its own system, batched, as ALPS
 does: A has unit diagonal, so this is CG with ALPS's diagonal preconditioner. It is off by default:
-after ADMM the support's weights are already near their optimum (10 steps gain ~0.3% error for 50%
-more time). Finally W' = Z D^-1, pruned entries exactly 0, in
-the weight's dtype.
+after ADMM the support's weights are already near their optimum (10 steps gain ~0.3% error for ~60%
+more time). Finally W' = Z D^-1, pruned entries exactly 0, in the weight's dtype.
 """
 from __future__ import annotations
 
@@ -134,7 +132,9 @@ def admm_prune(weight: torch.Tensor, hessian: torch.Tensor | AdmmHessian, sparsi
                **options) -> PruneResult:
     """Prune and reconstruct one weight [outputs, inputs] with ADMM; the new weight keeps its dtype.
 
-    options: see ADMM_OPTIONS (iterations, phase_steps, rho, rho_growth, percdamp, refit_iters).
+    options: see ADMM_OPTIONS (iterations, phase_steps, rho, rho_growth, relaxation, percdamp,
+    refit_iters). With a prepared AdmmHessian its damping is used; info["percdamp"] reports it when it
+    differs from the option's.
     """
     opts = defaults(ADMM_OPTIONS) | check_options("admm", ADMM_OPTIONS, options)
     prepared = hessian if isinstance(hessian, AdmmHessian) else prepare_admm(hessian, opts["percdamp"])
