@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..methods.options import Option, OptionError, check_options
+from ..methods.statistics import ActSqNorm
+from ..methods.wanda import wanda_scores
+from .owl import OWL_OPTIONS, outlier_ratio, owl_sparsities
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,27 @@ def _uniform(layers: dict[str, int], target: float, pattern, statistics) -> dict
     return dict.fromkeys(layers, float(target))
 
 
+def _owl(layers: dict[str, int], target: float, pattern, statistics, owl_m: float = 5.0,
+         owl_lambda: float = 0.08) -> dict[str, float]:
+    """OWL: one sparsity per block from its outlier ratio of Wanda scores on the dense model's activations;
+    the parameter-weighted mean over blocks is the target."""
+    from ..models import get_weight
+
+    ratios, block_layers = [], []
+    for _index, modules, act_sq_norms in statistics(ActSqNorm):
+        scores = [wanda_scores(get_weight(module), act_sq_norms[name]) for name, module in modules.items()]
+        ratios.append(outlier_ratio(scores, owl_m))
+        block_layers.append(list(modules))
+    weights = [sum(layers[f"{i}.{name}"] for name in names) for i, names in enumerate(block_layers)]
+    sparsities = owl_sparsities(ratios, target, owl_lambda, weights=weights)
+    return {f"{i}.{name}": sparsities[i] for i, names in enumerate(block_layers) for name in names}
+
+
 ALLOCATIONS: dict[str, Allocation] = {
     "uniform": Allocation("uniform", _uniform, "every layer gets the target sparsity"),
+    "owl": Allocation("owl", _owl, "outlier-weighed layer-wise sparsity (Yin et al., 2024): blocks with more "
+                      "Wanda-score outliers keep more weights", options=OWL_OPTIONS, statistic=ActSqNorm,
+                      accepts_nm=False),
 }
 
 
@@ -42,4 +64,4 @@ def get_allocation(name: str) -> Allocation:
         raise OptionError(f"unknown allocation {name!r}; choose one of {', '.join(ALLOCATIONS)}") from None
 
 
-__all__ = ["Allocation", "ALLOCATIONS", "get_allocation"]
+__all__ = ["Allocation", "ALLOCATIONS", "get_allocation", "OWL_OPTIONS", "outlier_ratio", "owl_sparsities"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .admm import ADMM_OPTIONS, AdmmHessian, admm_prune, prepare_admm
 from .magnitude import magnitude_prune
 from .masks import PatternError, Pattern, PruneResult, check_sparsity, parse_pattern
 from .options import Option, OptionError, check_options
@@ -51,6 +52,11 @@ METHODS = {
         "OBS reconstruction with the inverse Hessian, lazy block updates, adaptive masks",
         prepare=prepare_hessian, options=SPARSEGPT_OPTIONS,
     ),
+    "admm": Method(
+        "admm", Hessian, admm_prune,
+        "ADMM layer reconstruction (Boza 2024; ALPS): ridge solves with the Hessian, mask phased in",
+        prepare=prepare_admm, options=ADMM_OPTIONS,
+    ),
 }
 
 
@@ -64,5 +70,6 @@ def get_method(name: str) -> Method:
 __all__ = [
     "METHODS", "Method", "get_method", "Pattern", "PatternError", "PruneResult", "NumericsError", "Option",
     "OptionError", "check_options", "parse_pattern", "check_sparsity", "magnitude_prune", "wanda_prune",
-    "sparsegpt_prune", "prepare_hessian", "InverseHessian", "SPARSEGPT_OPTIONS", "Hessian", "ActSqNorm",
+    "sparsegpt_prune", "prepare_hessian", "InverseHessian", "SPARSEGPT_OPTIONS", "admm_prune", "prepare_admm",
+    "ADMM_OPTIONS", "AdmmHessian", "Hessian", "ActSqNorm",
 ]

@@ -62,7 +62,7 @@ def prepare_hessian(hessian: torch.Tensor, percdamp: float = 0.01, max_percdamp:
                 break
         if damp_frac * 10 > max_percdamp:
             raise NumericsError(f"Cholesky failed even with damping {damp_frac:g}; the Hessian is degenerate")
-        damp_frac *= 10
+        damp_frac = damp_frac * 10 if damp_frac > 0 else 0.01  # from no damping, start at 1%
     if damp_frac != percdamp:
         warnings.warn(f"Hessian was not positive-definite; used damping {damp_frac:g} instead of {percdamp:g}")
     return InverseHessian(upper, dead, damp_frac)
