@@ -64,9 +64,11 @@ def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_siz
     block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
     layers = prunable_layers(block)
     widest = max(get_weight(layer).shape[1] for layer in layers.values())
-    # A few fp32 [in, in] Hessians at most, plus one per expert projection: experts never share inputs.
-    experts = sum(get_weight(layer).shape[1] ** 2 for layer in layers.values() if isinstance(layer, ExpertProjection))
-    statistics = (4 * widest * widest + experts) * 4
+    # A few fp32 [in, in] Hessians at most, plus one per expert input (its gate and up share one, as they
+    # read one tensor): experts never share inputs.
+    expert_inputs = {(id(layer.experts), layer.index, layer.parameter): get_weight(layer).shape[1]
+                     for layer in layers.values() if isinstance(layer, ExpertProjection)}
+    statistics = (4 * widest * widest + sum(width ** 2 for width in expert_inputs.values())) * 4
     heads = getattr(config, "num_attention_heads", 1)
     scratch = batch_size * seqlen * (12 * hidden + heads * seqlen) * max(element, 4)
     activations = 2 * nsamples * seqlen * hidden * element

@@ -1,16 +1,19 @@
-"""Mixture-of-experts blocks: fused expert tensors as one layer per expert, and which modules are routers.
+"""Mixture-of-experts blocks: fused expert tensors as one layer per expert and projection, and which
+modules are routers.
 
 transformers 5 keeps a MoE block's experts in 3-D parameters (`gate_up_proj` [experts, 2 x intermediate,
 hidden] and `down_proj` [experts, hidden, intermediate], or the transpose) and runs them in one fused
-kernel, so no `nn.Linear` exists for the engine to hook or prune. Here each expert's projection becomes an
-`ExpertProjection`: a module with no parameters of its own that reads and writes its expert's slice of
-the fused tensor. While `routed_through_projections` is active, the experts run one expert at a time
-through these modules, each on exactly the tokens the router sends to it, so the engine's ordinary input
-hooks give every expert its own statistic. Outside that context the model runs its own fused forward.
+kernel, so no `nn.Linear` exists for the engine to hook or prune. Here each expert's gate, up and down
+projections become `ExpertProjection`s: modules with no parameters of their own that read and write
+their rows of the fused tensor, as Mixtral's w1, w3 and w2 were separate layers before the fusion (and
+as a dense MLP's are). While `routed_through_projections` is active, the experts run one expert at a
+time through these modules, each on exactly the tokens the router sends to it, so the engine's ordinary
+input hooks give every expert its own statistic (gate and up read one tensor, so they share one).
+Outside that context the model runs its own fused forward.
 
 One reading covers every family built on transformers' experts contract (`use_experts_implementation`:
-the flags has_gate, has_bias, is_transposed, has_post_expert_norm and the `_apply_gate` rule); experts
-stored any other way are not prunable here, and the run reports them as unpruned block weights.
+the flags has_gate, has_bias, is_transposed, is_concatenated, has_post_expert_norm and the `_apply_gate`
+rule); experts stored any other way are not prunable here, and the run reports them as unpruned weights.
 """
 from __future__ import annotations
 
@@ -24,64 +27,86 @@ from torch.nn import functional as F
 
 
 class ExpertProjection(nn.Module):
-    """One expert's projection inside a fused experts module: a layer whose weight is a slice."""
+    """One expert's projection inside a fused experts module: a layer whose weight is a slice of it."""
 
-    def __init__(self, experts: nn.Module, parameter: str, index: int):
+    def __init__(self, experts: nn.Module, role: str, parameter: str, index: int, rows: slice = slice(None)):
         super().__init__()
         # Plain attribute, not a submodule: the view owns no parameters, so the model's state dict,
         # .to() and save_pretrained never see it.
         object.__setattr__(self, "experts", experts)
-        self.parameter, self.index = parameter, index
+        self.role, self.parameter, self.index, self.rows = role, parameter, index, rows  # role: e.g. "gate_proj"
 
     @property
     def fused(self) -> nn.Parameter:
-        """The 3-D parameter this projection is one slice of (read at call time: the block may move)."""
+        """The 3-D parameter this projection is a slice of (read at call time: the block may move)."""
         return getattr(self.experts, self.parameter)
 
-    @property
-    def transposed(self) -> bool:
-        return bool(getattr(self.experts, "is_transposed", False))
+    def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This expert's [outputs, inputs] rows of `tensor` (the fused parameter or its data), a view."""
+        w = tensor[self.index]
+        return (w.t() if self.experts.is_transposed else w)[self.rows]
 
     def weight(self) -> torch.Tensor:
-        """[outputs, inputs], a view into the fused tensor."""
-        w = self.fused.data[self.index]
-        return w.t() if self.transposed else w
+        return self._matrix(self.fused.data)
 
     def write(self, weight: torch.Tensor) -> None:
-        self.fused.data[self.index].copy_(weight.t() if self.transposed else weight)
+        self._matrix(self.fused.data).copy_(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fused[self.index]
-        bias = getattr(self.experts, f"{self.parameter}_bias")[self.index] if self.experts.has_bias else None
-        return F.linear(x, w.t() if self.transposed else w, bias)
+        bias = getattr(self.experts, f"{self.parameter}_bias")[self.index][self.rows] if self.experts.has_bias else None
+        return F.linear(x, self._matrix(self.fused), bias)
 
     def extra_repr(self) -> str:
-        return f"{self.parameter}[{self.index}], {tuple(self.weight().shape)}"
-
-
-def _first_projection(module: nn.Module) -> str | None:
-    """'gate_up_proj' (gated experts) or 'up_proj', if `module` is fused experts we can read, else None."""
-    if not all(hasattr(module, flag) for flag in ("has_gate", "has_bias", "is_transposed", "num_experts")):
-        return None  # not built on transformers' experts contract
-    first = "gate_up_proj" if module.has_gate else "up_proj"
-    tensors = [getattr(module, name, None) for name in (first, "down_proj")]
-    if all(isinstance(t, nn.Parameter) and t.dim() == 3 and t.shape[0] == module.num_experts for t in tensors):
-        return first
-    return None
+        return f"{self.role} of expert {self.index}: {self.parameter}[{self.index}], {tuple(self.weight().shape)}"
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    return _first_projection(module) is not None
+    """Whether `module` holds experts in 3-D tensors under transformers' experts contract."""
+    if not all(hasattr(module, flag) for flag in ("has_gate", "has_bias", "is_transposed", "num_experts")):
+        return False
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    tensors = [getattr(module, name, None) for name in (first, "down_proj")]
+    return all(isinstance(t, nn.Parameter) and t.dim() == 3 and t.shape[0] == module.num_experts for t in tensors)
+
+
+def _projections(experts: nn.Module, index: int) -> list[ExpertProjection]:
+    """Expert `index`'s layers in the order they run: gate_proj, up_proj (or up_proj alone), down_proj."""
+    if experts.has_gate:
+        # gate_up_proj stacks [gate; up] (concatenated) or alternates gate and up rows (gpt-oss).
+        width = experts.gate_up_proj.shape[2 if experts.is_transposed else 1] // 2
+        if getattr(experts, "is_concatenated", True):
+            gate, up = slice(0, width), slice(width, 2 * width)
+        else:
+            gate, up = slice(0, None, 2), slice(1, None, 2)
+        first = [ExpertProjection(experts, "gate_proj", "gate_up_proj", index, gate),
+                 ExpertProjection(experts, "up_proj", "gate_up_proj", index, up)]
+    else:
+        first = [ExpertProjection(experts, "up_proj", "up_proj", index)]
+    return first + [ExpertProjection(experts, "down_proj", "down_proj", index)]
 
 
 def expert_projections(experts: nn.Module) -> dict[str, ExpertProjection]:
-    """'{expert}.{projection}' -> its layer, expert by expert (first projection, then down_proj)."""
-    first = _first_projection(experts)
-    return {f"{e}.{name}": ExpertProjection(experts, name, e)
-            for e in range(experts.num_experts) for name in (first, "down_proj")}
+    """'{expert}.{projection}' -> its layer, expert by expert."""
+    return {f"{e}.{layer.role}": layer for e in range(experts.num_experts) for layer in _projections(experts, e)}
 
 
-def _routed_forward(experts: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], hidden_states: torch.Tensor,
+def _expert_forward(experts: nn.Module, layers: list[ExpertProjection], x: torch.Tensor) -> torch.Tensor:
+    """One expert on its tokens, through its projection layers; the same maths as the fused kernel."""
+    *first, down = layers
+    if experts.has_gate:
+        gate, up = (layer(x) for layer in first)  # one input tensor: the engine gives them one statistic
+        if getattr(experts, "is_concatenated", True):
+            h = torch.cat([gate, up], dim=-1)
+        else:
+            h = torch.stack([gate, up], dim=-1).flatten(-2)
+        h = experts._apply_gate(h)
+    else:
+        h = experts.act_fn(first[0](x))
+    h = down(h)
+    return experts.post_expert_norm(h) if getattr(experts, "has_post_expert_norm", False) else h
+
+
+def _routed_forward(experts: nn.Module, per_expert: list[list[ExpertProjection]], hidden_states: torch.Tensor,
                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts' computation, one expert at a time through its projection layers.
 
@@ -92,16 +117,12 @@ def _routed_forward(experts: nn.Module, pairs: list[tuple[nn.Module, nn.Module]]
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
-    counts = torch.bincount(flat, minlength=len(pairs))[: len(pairs)].tolist()  # one host sync per call
+    counts = torch.bincount(flat, minlength=len(per_expert))[: len(per_expert)].tolist()  # one host sync
     start = 0
-    for (first, down), count in zip(pairs, counts):
+    for layers, count in zip(per_expert, counts):
         chosen, start = order[start:start + count], start + count
         token, slot = chosen // k, chosen % k
-        h = first(hidden_states[token])
-        h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-        h = down(h)
-        if getattr(experts, "has_post_expert_norm", False):
-            h = experts.post_expert_norm(h)
+        h = _expert_forward(experts, layers, hidden_states[token])
         out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
     return out
 
@@ -115,17 +136,15 @@ def routed_through_projections(layers: Iterable[nn.Module]) -> Iterator[None]:
     for layer in layers:
         if isinstance(layer, ExpertProjection):
             owners[id(layer.experts)] = layer.experts
-            given.setdefault(id(layer.experts), {})[(layer.index, layer.parameter)] = layer
+            given.setdefault(id(layer.experts), {})[(layer.index, layer.role)] = layer
     patched = []
     try:
-        for key, experts in owners.items():
-            first = _first_projection(experts)
-            chosen = given[key]  # projections without hooks (not asked for) are made fresh
-            pairs = [tuple(chosen[(e, name)] if (e, name) in chosen else ExpertProjection(experts, name, e)
-                           for name in (first, "down_proj"))
-                     for e in range(experts.num_experts)]
+        for owner, experts in owners.items():
+            # Layers not asked for (no hooks on them) are made fresh.
+            per_expert = [[given[owner].get((e, fresh.role), fresh) for fresh in _projections(experts, e)]
+                          for e in range(experts.num_experts)]
             previous = experts.__dict__.get("forward")
-            experts.forward = functools.partial(_routed_forward, experts, pairs)
+            experts.forward = functools.partial(_routed_forward, experts, per_expert)
             patched.append((experts, previous))
         yield
     finally:
