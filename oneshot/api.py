@@ -72,6 +72,7 @@ def _run(plan: Plan, loaded) -> Record:
     report = _prune(plan, model, targets, ids)
     if spec.kind == "prune":  # an eval run only measures the sparsity it finds
         timings["prune_s"] = report.timings["prune_s"]
+    coverage = _coverage(model, report, prunes=spec.kind == "prune" and plan.method.name != "dense")
     ppl, windows, zeroshot = _evaluate(plan, loaded, seqlen, timings)
 
     # An eval run's record names what the model is: a saved model's lineage says how it was pruned.
@@ -92,6 +93,10 @@ def _run(plan: Plan, loaded) -> Record:
         options=plan.method_options,
         allocation={"name": plan.allocation.name, "options": plan.allocation_options}, sequential=spec.sequential,
         sparsity_target_per_layer=report.layer_target, lineage=lineage,
+        sparsity_block_weights=coverage.sparsity_block_weights, sparsity_model=coverage.sparsity_model,
+        block_weights_in_pruned_layers=coverage.prunable_share,
+        unpruned_block_weights={kind: dict(seen, share=seen["numel"] / coverage.block_numel)
+                                for kind, seen in coverage.unpruned.items()},
     )
     if spec.save_model:
         from .export import save_model
@@ -181,6 +186,25 @@ def _prune(plan: Plan, model, targets, ids):
                        device=plan.device, batch_size=spec.batch_size, options=plan.method_options,
                        progress=spec.progress, checkpoint=checkpoint,
                        stages=SEQUENTIAL_STAGES if spec.sequential else DEFAULT_STAGES)
+
+
+def _coverage(model, report, prunes: bool):
+    """Sparsity over all block weights and the whole model; a pruning run says, one line per kind,
+    which block weights it left dense, and how many layers no calibration token reached."""
+    from .engine import measure_coverage
+    from .engine.stages import NO_TOKENS_NOTE
+
+    coverage = measure_coverage(model)
+    if prunes:
+        for line in coverage.unpruned_lines():
+            log.warning(line)
+        fallbacks = [name for name, info in report.layer_info.items() if info == NO_TOKENS_NOTE]
+        if fallbacks:
+            log.warning(f"{len(fallbacks)} layer(s) received no calibration tokens (experts the router never chose, "
+                        f"e.g. {fallbacks[0]}) and were pruned by magnitude; see method_notes")
+    log.info(f"sparsity: {report.sparsity:.4f} of the pruned layers, {coverage.sparsity_block_weights:.4f} of all "
+             f"block weights, {coverage.sparsity_model:.4f} of the whole model")
+    return coverage
 
 
 def _evaluate(plan: Plan, loaded, seqlen, timings) -> tuple[dict, dict, dict | None]:

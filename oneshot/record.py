@@ -52,6 +52,14 @@ class Record:
     sequential: bool = False  # sublayer-sequential calibration
     sparsity_target_per_layer: dict = field(default_factory=dict)
     lineage: dict | None = None  # eval of a saved model: its oneshot.json
+    # Honest sparsity (sparsity_measured covers only the pruned layers): zeros over every >= 2-D weight
+    # inside the decoder blocks, zeros over every parameter of the model, the share of the block weights
+    # that the pruned layers hold, and each kind of block weight left dense that is not a norm, router
+    # or embedding. None in records written before they existed.
+    sparsity_block_weights: float | None = None
+    sparsity_model: float | None = None
+    block_weights_in_pruned_layers: float | None = None
+    unpruned_block_weights: dict = field(default_factory=dict)  # kind -> {"tensors", "numel", "share"}
     run_key: str | None = None  # set by a sweep
 
     _DROP_IF_NONE = ("lineage", "run_key")

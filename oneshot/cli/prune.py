@@ -140,8 +140,14 @@ def eval_command(args) -> int:
 def print_table(result: dict) -> None:
     sources = list(result["ppl"])
     zeroshot = result.get("zeroshot")
-    header = ["method", "pattern", "sparsity"] + [f"ppl {s}" for s in sources]
+    header = ["method", "pattern", "sparsity"]
     row = [result["method"], result["pattern"], f"{result['sparsity_measured']:.4f}"]
+    # Honest sparsity: over every block weight and over the whole model, beside the pruned layers'.
+    for key, label in (("sparsity_block_weights", "block weights"), ("sparsity_model", "whole model")):
+        if result.get(key) is not None:
+            header.append(label)
+            row.append(f"{result[key]:.4f}")
+    header += [f"ppl {s}" for s in sources]
     row += [f"{result['ppl'][s]:.3f}" for s in sources]
     if zeroshot is not None:
         header.append("mean acc")

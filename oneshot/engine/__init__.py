@@ -1,12 +1,13 @@
 """The streaming engine: blocks one at a time through a short sequence of stages (see stream.py)."""
 from .capture import BlockInputs, capture_block_inputs
+from .coverage import Coverage, measure_coverage
 from .memory import ResourceError, check_memory, check_pattern, default_batch_size
 from .report import PruneReport
 from .sequential import SEQUENTIAL_STAGES, sublayer_sequential
 from .stages import DEFAULT_STAGES, BlockVisit, Stage, gather_statistics, propagate, prune_layers
 from .stream import layer_names, measure_sparsity, prune_model, stream_statistics, uniform_targets
 
-__all__ = ["BlockInputs", "capture_block_inputs", "ResourceError", "check_memory", "check_pattern",
-           "default_batch_size", "PruneReport", "DEFAULT_STAGES", "BlockVisit", "Stage", "gather_statistics",
-           "propagate", "prune_layers", "layer_names", "measure_sparsity", "prune_model", "stream_statistics",
-           "uniform_targets", "SEQUENTIAL_STAGES", "sublayer_sequential"]
+__all__ = ["BlockInputs", "capture_block_inputs", "Coverage", "measure_coverage", "ResourceError", "check_memory",
+           "check_pattern", "default_batch_size", "PruneReport", "DEFAULT_STAGES", "BlockVisit", "Stage",
+           "gather_statistics", "propagate", "prune_layers", "layer_names", "measure_sparsity", "prune_model",
+           "stream_statistics", "uniform_targets", "SEQUENTIAL_STAGES", "sublayer_sequential"]

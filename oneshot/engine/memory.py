@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..methods import Pattern
-from ..models import decoder_blocks, get_weight, prunable_layers
+from ..models import ExpertProjection, decoder_blocks, get_weight, prunable_layers
 
 
 class ResourceError(RuntimeError):
@@ -59,10 +59,16 @@ def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_siz
     hidden = config.hidden_size
     element = next(model.parameters()).element_size()
     batch_size = batch_size or default_batch_size(model, seqlen, device)
-    block = decoder_blocks(model)[0]
+    # The largest block (a DeepSeek-style model's first blocks are dense, the rest mixtures of experts).
+    block = max(decoder_blocks(model), key=lambda b: sum(p.numel() for p in b.parameters()))
     block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
-    widest = max(get_weight(layer).shape[1] for layer in prunable_layers(block).values())
-    statistics = 4 * widest * widest * 4  # a few fp32 [in, in] Hessians at most
+    layers = prunable_layers(block)
+    widest = max(get_weight(layer).shape[1] for layer in layers.values())
+    # A few fp32 [in, in] Hessians at most, plus one per expert input (its gate and up share one, as they
+    # read one tensor): experts never share inputs.
+    expert_inputs = {(id(layer.experts), layer.index, layer.parameter): get_weight(layer).shape[1]
+                     for layer in layers.values() if isinstance(layer, ExpertProjection)}
+    statistics = (4 * widest * widest + sum(width ** 2 for width in expert_inputs.values())) * 4
     heads = getattr(config, "num_attention_heads", 1)
     scratch = batch_size * seqlen * (12 * hidden + heads * seqlen) * max(element, 4)
     activations = 2 * nsamples * seqlen * hidden * element

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..methods import Method, NumericsError, Pattern
-from ..models import get_weight, set_weight
+from ..methods import Method, NumericsError, Pattern, magnitude_prune
+from ..models import get_weight, routed_through_projections, set_weight
 from .capture import BlockInputs, Caught, forward_block, store
 from .report import PruneReport
 
@@ -85,14 +85,17 @@ def _accumulate(visit: BlockVisit, layers: dict) -> dict:
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
-        for hidden, call in zip(visit.inputs.hidden, visit.inputs.calls[visit.index]):
-            sequences = hidden.shape[0]
-            try:
-                forward_block(visit.block, hidden, call, device)
-            except Caught:
-                pass
-            if stop_after is None and sorted(order) == sorted(layers):  # each layer ran exactly once
-                stop_after = order[-1]
+        # Fused experts run expert by expert through their projection layers, so the hooks above see
+        # exactly the tokens routed to each expert.
+        with routed_through_projections(layers.values()):
+            for hidden, call in zip(visit.inputs.hidden, visit.inputs.calls[visit.index]):
+                sequences = hidden.shape[0]
+                try:
+                    forward_block(visit.block, hidden, call, device)
+                except Caught:
+                    pass
+                if stop_after is None and sorted(order) == sorted(layers):  # each layer ran exactly once
+                    stop_after = order[-1]
     finally:
         for handle in handles:
             handle.remove()
@@ -103,20 +106,32 @@ def _accumulate(visit: BlockVisit, layers: dict) -> dict:
     return stats
 
 
+# What a layer that no calibration token reached (an expert the router never chose) gets instead of
+# the method: its statistic is all zeros, which would make SparseGPT drop every input ("dead inputs")
+# and leave Wanda's ranking to ties. Magnitude keeps the target and the pattern (so 2:4 kernels still
+# apply) and keeps the largest weights, the best guess without data; the record notes each such layer.
+NO_TOKENS_NOTE = {"fallback": "magnitude", "calibration_tokens": 0}
+
+
 def prune_layers(visit: BlockVisit, names: Sequence[str] | None = None) -> None:
     """Ask the method for each layer's new weight and write it back; statistics are prepared once per
-    shared accumulator and released after use."""
+    shared accumulator and released after use. A layer whose statistic saw no token is pruned by
+    magnitude (NO_TOKENS_NOTE)."""
     visit.on_phase("pruning")
     method, options = visit.method, visit.options
     names = list(visit.layers) if names is None else list(names)
     prepared = {}
     for name in names:
         layer, stat = visit.layers[name], visit.stats.get(name)
-        if stat is not None and id(stat) not in prepared:
-            value = stat.value()
-            prepared[id(stat)] = method.prepare(value, **options) if method.prepare else value
         target = visit.targets[name]
-        result = method.prune(get_weight(layer), prepared.get(id(stat)), target, visit.pattern, **options)
+        if stat is not None and getattr(stat, "tokens", None) == 0:
+            result = magnitude_prune(get_weight(layer), target, visit.pattern)
+            result = result._replace(info=dict(NO_TOKENS_NOTE))
+        else:
+            if stat is not None and id(stat) not in prepared:
+                value = stat.value()
+                prepared[id(stat)] = method.prepare(value, **options) if method.prepare else value
+            result = method.prune(get_weight(layer), prepared.get(id(stat)), target, visit.pattern, **options)
         set_weight(layer, result.weight)
         visit.report.record(f"{visit.index}.{name}", result.weight, result.info, target)
     for name in names:

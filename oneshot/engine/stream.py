@@ -28,7 +28,8 @@ from .stages import DEFAULT_STAGES, BlockVisit, Stage, check_finite, gather_stat
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """Every prunable layer as "block.layer", in order: the keys of per-layer targets."""
+    """Every prunable layer as "block.layer" (an expert's: "3.mlp.experts.7.down_proj"), in order: the keys
+    of per-layer targets."""
     return [f"{index}.{name}" for index, block in enumerate(decoder_blocks(model)) for name in prunable_layers(block)]
 
 
@@ -57,7 +58,8 @@ def prune_model(
     on_block_done: Callable[[int], None] | None = None,
     stages: Sequence[Stage] = DEFAULT_STAGES,
 ) -> PruneReport:
-    """Prune every decoder block's linear layers in place; the model stays on the CPU.
+    """Prune every decoder block's linear layers (and each expert's projections) in place; the model stays
+    on the CPU. Routers are never pruned.
 
     `sparsity` is one fraction for every layer, or a target per layer keyed "block.layer" (see
     layer_names). N:M patterns prune N/M of every layer. With `checkpoint`, each finished block is

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..paths import share_like_save_pretrained
 
 LINEAGE_KEYS = ("model", "model_source", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
-                "seed", "ppl", "versions", "options", "allocation")
+                "seed", "ppl", "versions", "options", "allocation", "sparsity_block_weights", "sparsity_model")
 
 
 def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
@@ -66,6 +66,11 @@ def lineage_card(lineage: dict) -> str:
         lines.append(f"- allocation: {allocation['name']} {allocation.get('options') or ''}".rstrip())
     lines += [
         f"- measured sparsity of the pruned layers: {lineage['sparsity_measured']:.4f}",
+    ]
+    if lineage.get("sparsity_block_weights") is not None:
+        lines.append(f"- sparsity of all decoder-block weights: {lineage['sparsity_block_weights']:.4f}, of the whole "
+                     f"model: {lineage['sparsity_model']:.4f}")
+    lines += [
         f"- calibration: {calibration.get('source', 'none')}, {calibration.get('nsamples', 0)} x "
         f"{calibration.get('seqlen', 0)} tokens, seed {lineage['seed']}",
     ]

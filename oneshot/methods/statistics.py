@@ -2,7 +2,9 @@
 
 The engine feeds each accumulator the input batch of a layer, shaped [..., features], and says how
 many sequences it holds (some blocks flatten [batch, tokens] before their MLP, as OPT does).
-N counts sequences, as in the papers' code.
+N counts sequences, as in the papers' code. An expert is fed only the tokens routed to it (possibly
+none) but counts every sequence, so its N is the calibration set's like every other layer's; `tokens`
+says how many rows it actually saw.
 """
 from __future__ import annotations
 
@@ -38,10 +40,15 @@ class Hessian:
     def __init__(self, features: int, device, dtype: torch.dtype = torch.float32):
         self.sum = torch.zeros(features, features, dtype=compute_dtype(dtype), device=device)
         self.sequences = 0
+        self.tokens = 0
         self._tiles = _tiles(features)
 
     def add(self, x: torch.Tensor, sequences: int | None = None) -> None:
         rows, sequences = _as_rows(x, sequences)
+        self.tokens += rows.shape[0]
+        if not rows.shape[0]:  # an expert no token of this chunk was routed to
+            self.sequences += sequences
+            return
         if rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16) and _HALF_GEMM[0]:
             # A product of two half values is exact in fp32: tensor cores with fp32 output lose only
             # summation order (relative error ~1e-4), at about 10x the speed of an fp32 GEMM.
@@ -73,9 +80,11 @@ class ActSqNorm:
     def __init__(self, features: int, device, dtype: torch.dtype = torch.float32):
         self.sum = torch.zeros(features, dtype=compute_dtype(dtype), device=device)
         self.sequences = 0
+        self.tokens = 0
 
     def add(self, x: torch.Tensor, sequences: int | None = None) -> None:
         rows, sequences = _as_rows(x, sequences)
+        self.tokens += rows.shape[0]
         self.sum += rows.to(self.sum.dtype).pow(2).sum(0)
         self.sequences += sequences
 

@@ -1,13 +1,18 @@
 """The family adapter: the one place that knows where each family keeps its decoder blocks and
-linear layers, and that GPT-2's Conv1D stores its weight transposed.
+linear layers, that GPT-2's Conv1D stores its weight transposed, that fused mixture-of-experts tensors
+are one layer per expert (`experts.py`), and which modules are routers (never pruned).
 
 Embeddings, rotary tables and masks need no per-family code: the engine catches whatever the model
 passes its blocks. Which layers are coupled (heads, KV groups, MLP channels) is in `structure.py`.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
+
+from .experts import ExpertProjection, expert_projections, is_fused_experts, routers
 
 
 class ModelError(ValueError):
@@ -47,19 +52,60 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers inside a block, by qualified name: the only weights we prune."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    """The layers we prune inside a block, by qualified name: linear layers that are not routers, and
+    each expert's projections in fused experts ("mlp.experts.7.down_proj", an ExpertProjection)."""
+    skip = routers(block)
+    layers = {}
+    for name, module in block.named_modules():
+        if (isinstance(module, nn.Linear) or _is_conv1d(module)) and id(module) not in skip:
+            layers[name] = module
+        elif is_fused_experts(module):
+            layers.update({f"{name}.{key}": view for key, view in expert_projections(module).items()})
+    return layers
+
+
+def layer_parameter(layer: nn.Module) -> nn.Parameter:
+    """The parameter a prunable layer's weight lives in (for an expert: the whole fused tensor)."""
+    return layer.fused if isinstance(layer, ExpertProjection) else layer.weight
 
 
 def get_weight(layer: nn.Module) -> torch.Tensor:
     """The weight as [outputs, inputs], whatever the layer stores."""
+    if isinstance(layer, ExpertProjection):
+        return layer.weight()
     return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
 
 
 def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Write a [outputs, inputs] weight back in the layer's own layout and dtype, in place."""
+    if isinstance(layer, ExpertProjection):
+        layer.write(weight)
+        return
     target = layer.weight.data
     target.copy_(weight.t() if _is_conv1d(layer) else weight)
+
+
+def block_weight_roles(block: nn.Module) -> dict[str, tuple[nn.Parameter, str]]:
+    """Every weight of a block (parameters of two or more dimensions; stacked per-expert biases are
+    biases, not weights) with its role: "pruned" (held by a prunable layer), "router", "norm",
+    "embedding", or "other" (a weight the engine cannot prune: the run must say so)."""
+    held = {id(layer_parameter(layer)) for layer in prunable_layers(block).values()}
+    router_ids = routers(block)
+    roles = {}
+    for module_name, module in block.named_modules():
+        kind = ("router" if id(module) in router_ids else "embedding" if isinstance(module, nn.Embedding)
+                else "norm" if "norm" in type(module).__name__.lower() else None)
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() < 2 or name.endswith("bias"):
+                continue
+            role = "pruned" if id(parameter) in held else kind or "other"
+            roles[f"{module_name}.{name}" if module_name else name] = (parameter, role)
+    return roles
+
+
+def weight_kind(name: str) -> str:
+    """A block weight's name with expert and layer numbers replaced by '*': one line per kind."""
+    return re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", name)
 
 
 def model_family(model: nn.Module) -> str:

@@ -59,7 +59,25 @@ TINY_PRESETS: dict[str, tuple[str, dict]] = {
     "tiny-gpt-neox": ("gpt_neox", dict(_TINY_IDS, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, max_position_embeddings=256)),
 }
+# Mixture-of-experts families (transformers 5 fused experts: each expert is pruned as its own layers).
+# Kept apart from TINY_PRESETS, which the dense-family tests (structure map included) walk.
+_TINY_MOE = dict(_TINY_ATTN, num_key_value_heads=2, num_experts_per_tok=2)
+_TINY_MLA = dict(_TINY_ATTN, num_key_value_heads=4, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
+                 moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                 kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+TINY_MOE_PRESETS: dict[str, tuple[str, dict]] = {
+    "tiny-mixtral": ("mixtral", dict(_TINY_MOE, intermediate_size=32, num_local_experts=8)),
+    "tiny-qwen2-moe": ("qwen2_moe", dict(_TINY_MOE, intermediate_size=128, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64, num_experts=8)),
+    "tiny-qwen3-moe": ("qwen3_moe", dict(_TINY_MOE, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                                         num_experts=8)),
+    "tiny-olmoe": ("olmoe", dict(_TINY_MOE, intermediate_size=32, num_experts=8)),
+    # DeepSeek style: shared + routed experts, the first block dense, multi-head latent attention.
+    "tiny-deepseek-v2": ("deepseek_v2", dict(_TINY_MLA)),
+    "tiny-deepseek-v3": ("deepseek_v3", dict(_TINY_MLA, n_group=2, topk_group=1)),
+}
 PRESETS.update(TINY_PRESETS)
+PRESETS.update(TINY_MOE_PRESETS)
 
 
 @dataclass
@@ -206,7 +224,16 @@ def build_random_model(preset: str, dtype: torch.dtype, seed: int = 0) -> nn.Mod
     torch.manual_seed(seed)
     with _default_dtype(dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _experts_for_dtype(model, dtype)
     return model.eval()
+
+
+def _experts_for_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Fused experts run through torch's grouped matmul by default, which has no float64 kernel: a
+    float64 mixture of experts (numerical studies) runs transformers' eager expert loop instead."""
+    if dtype == torch.float64 and hasattr(model, "set_experts_implementation") and \
+            getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")
 
 
 @contextlib.contextmanager
@@ -281,6 +308,7 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         if getattr(model.config, "quantization_config", None):
             del model.config.quantization_config
     model.config.use_cache = False
+    _experts_for_dtype(model, dtype)
     return LoadedModel(model.eval(), tokenizer, spec, source)
 
 
