@@ -19,6 +19,7 @@ import threading
 import torch
 
 from ..methods import NumericsError
+from ..models import routed_through_projections
 from .capture import Caught, forward_block, store
 from .stages import BlockVisit, check_finite, prune_layers
 
@@ -100,6 +101,13 @@ def sublayer_sequential(visit: BlockVisit) -> None:
     if visit.inputs is None or visit.method.statistic is None:  # nothing to calibrate: prune as usual
         prune_layers(visit)
         return
+    # Fused experts run expert by expert through their projection layers, so that the hooks see
+    # exactly the tokens routed to each expert (as in gather_statistics).
+    with routed_through_projections(visit.layers.values()):
+        _sublayer_sequential(visit)
+
+
+def _sublayer_sequential(visit: BlockVisit) -> None:
     groups = _groups(visit)
     first_of = {group[0]: g for g, group in enumerate(groups)}
     statistic, device = visit.method.statistic, visit.device
