@@ -52,8 +52,10 @@ class Record:
     sparsity_target_per_layer: dict = field(default_factory=dict)
     lineage: dict | None = None  # eval of a saved model: its oneshot.json
     run_key: str | None = None  # set by a sweep
+    # Structured runs: parameters before and after, the removed fraction, what went, the checkpoint's bytes.
+    structure: dict | None = None
 
-    _DROP_IF_NONE = ("lineage", "run_key")
+    _DROP_IF_NONE = ("lineage", "run_key", "structure")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

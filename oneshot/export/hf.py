@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 LINEAGE_KEYS = ("model", "model_source", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
-                "seed", "ppl", "versions", "options", "allocation")
+                "seed", "ppl", "versions", "options", "allocation", "structure")
 
 
 def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
@@ -46,6 +46,11 @@ def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
         raise
 
 
+def directory_bytes(directory: str | Path) -> int:
+    """The size on disk of every file under `directory` (a saved model: weights, config, tokenizer, card)."""
+    return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
+
+
 def lineage_card(lineage: dict) -> str:
     calibration = lineage["calibration"] or {}
     lines = [
@@ -61,8 +66,14 @@ def lineage_card(lineage: dict) -> str:
     allocation = lineage.get("allocation") or {}
     if allocation.get("name", "uniform") != "uniform":
         lines.append(f"- allocation: {allocation['name']} {allocation.get('options') or ''}".rstrip())
+    structure = lineage.get("structure")
+    if structure:
+        lines.append(f"- structured: removed {100 * structure['removed_fraction']:.1f}% of the decoder-block "
+                     f"parameters ({structure['params_before']:,} -> {structure['params_after']:,} parameters in all); config "
+                     + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in structure["config"].items()))
+    else:
+        lines.append(f"- measured sparsity of the pruned layers: {lineage['sparsity_measured']:.4f}")
     lines += [
-        f"- measured sparsity of the pruned layers: {lineage['sparsity_measured']:.4f}",
         f"- calibration: {calibration.get('source', 'none')}, {calibration.get('nsamples', 0)} x "
         f"{calibration.get('seqlen', 0)} tokens, seed {lineage['seed']}",
     ]
