@@ -419,12 +419,12 @@ SMOLLM2 = Sizes(num_blocks=30, block=3540096, num_heads=3, head=294912, head_cou
 
 
 @pytest.mark.parametrize("pattern,sparsity,expected", [
-    ("layers", 0.25, dict(blocks=7)),  # 7.5 blocks: a tie goes to the smaller count
+    ("layers", 0.25, dict(blocks=8)),  # 7.5 blocks: a tie rounds half up
     ("layers", 0.3, dict(blocks=9)),
     ("heads", 0.1, dict(heads=1)),
     ("heads", 0.2, dict(heads=2)),
     ("channels", 0.25, dict(channels=512)),
-    ("width", 0.25, dict(heads=1, channels=341)),  # attention is 25% of a block: 0.75 group -> 1, MLP the rest
+    ("width", 0.25, dict(heads=1, channels=342)),  # attention is 25% of a block: 0.75 group -> 1, MLP the rest
     ("width", 0.1, dict(heads=0, channels=205)),
     ("channels", 0.0, dict()),
 ])

@@ -57,8 +57,9 @@ class Removal:
 
 
 def _nearest(target: float, unit: float, counts) -> int:
-    """The count c in `counts` whose c * unit is nearest `target` (ties: the smaller count)."""
-    return min(counts, key=lambda c: (abs(c * unit - target), c))
+    """The count c in `counts` whose c * unit is nearest `target`; a tie rounds half up, as rounding
+    7.5 blocks to 8 does."""
+    return min(counts, key=lambda c: (abs(c * unit - target), -c))
 
 
 def plan_removal(pattern: str, sparsity: float, sizes: Sizes, flag: str = "--sparsity") -> Removal:
