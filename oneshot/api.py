@@ -97,11 +97,14 @@ def _run(plan: Plan, loaded) -> Record:
         block_weights_in_pruned_layers=coverage.prunable_share,
         unpruned_block_weights={kind: dict(seen, share=seen["numel"] / coverage.block_numel)
                                 for kind, seen in coverage.unpruned.items()},
+        structure=getattr(report, "structure", None),
     )
     if spec.save_model:
-        from .export import save_model
+        from .export import directory_bytes, save_model
 
         save_model(model, tokenizer, record.to_dict(), spec.save_model)
+        if record.structure is not None:
+            record.structure["checkpoint_bytes"] = directory_bytes(spec.save_model)
         log.info(f"saved the pruned model to {spec.save_model}")
     if spec.output:
         path = record.write(spec.output)
@@ -125,6 +128,11 @@ def _check_against_model(model, plan: Plan) -> int | None:
     from .engine import check_pattern
 
     check_pattern(model, plan.pattern)
+    if plan.pattern.is_structured:  # the family can take it, the fraction leaves something: before any work
+        from .structured import check_structured
+
+        check_structured(model, plan.method, plan.pattern, plan.sparsity, plan.method_options,
+                         FLAG_NAMES["sparsity"])
     spec = plan.spec
     seqlen = spec.calibration.seqlen
     if seqlen is None and spec.kind == "prune" and not spec.calibration.source.startswith("tokens:"):
@@ -179,6 +187,11 @@ def _prune(plan: Plan, model, targets, ids):
     from .engine import DEFAULT_STAGES, SEQUENTIAL_STAGES, prune_model
 
     spec = plan.spec
+    if plan.pattern.is_structured:
+        from .structured import prune_structured
+
+        return prune_structured(model, plan.method, plan.pattern, plan.sparsity, ids, device=plan.device,
+                                batch_size=spec.batch_size, options=plan.method_options, progress=spec.progress)
     checkpoint = None
     if spec.checkpoint_dir:
         checkpoint = Checkpoint(spec.checkpoint_dir, {"model": spec.model, "dtype": str(plan.dtype), "seed": spec.seed})

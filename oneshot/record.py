@@ -61,8 +61,10 @@ class Record:
     block_weights_in_pruned_layers: float | None = None
     unpruned_block_weights: dict = field(default_factory=dict)  # kind -> {"tensors", "numel", "share"}
     run_key: str | None = None  # set by a sweep
+    # Structured runs: parameters before and after, the removed fraction, what went, the checkpoint's bytes.
+    structure: dict | None = None
 
-    _DROP_IF_NONE = ("lineage", "run_key")
+    _DROP_IF_NONE = ("lineage", "run_key", "structure")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

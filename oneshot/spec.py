@@ -133,7 +133,9 @@ class Plan:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method.statistic is not None or self.allocation.statistic is not None
+        reads = getattr(self.method, "reads_calibration", None)  # structured criteria: options decide
+        method_reads = reads(self.method_options) if reads else self.method.statistic is not None
+        return method_reads or self.allocation.statistic is not None
 
 
 def validate(spec: RunSpec, names: dict | None = None) -> Plan:
@@ -160,6 +162,8 @@ def validate(spec: RunSpec, names: dict | None = None) -> Plan:
     except ModelError as exc:
         raise UsageError(str(exc)) from None
     dtype = resolve_dtype(spec.dtype, device, spec.model, model_kind)
+    if fields["pattern"].is_structured:
+        _check_structure(spec, fields, name)
     zeroshot = _prepare_zeroshot(spec, model_kind, name)  # last: it may take seconds
     if spec.kind == "eval" and not spec.eval.ppl and zeroshot is None:
         raise UsageError(f"nothing to evaluate: give {name('eval.ppl')} SOURCE and/or {name('eval.tasks')} SUITE|TASKS")
@@ -167,28 +171,47 @@ def validate(spec: RunSpec, names: dict | None = None) -> Plan:
                 fields["sparsity"], device, dtype, model_kind, list(spec.eval.ppl), zeroshot)
 
 
+def _check_structure(spec: RunSpec, fields: dict, name) -> None:
+    """A structured pattern against the model's architecture (its config, no weights): the family can
+    take it and the fraction leaves something of every kind."""
+    from .methods import PatternError
+    from .models import ModelError, model_skeleton
+    from .structured import check_structured
+
+    try:
+        check_structured(model_skeleton(spec.model), fields["method"], fields["pattern"], fields["sparsity"],
+                         fields["method_options"], name("sparsity"))
+    except (ModelError, PatternError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def validate_fields(spec: RunSpec, names: dict | None = None) -> dict:
     """The checks of the spec's own values (no model, data, device or file is looked at): returns the
     method, allocation, their typed options, the pattern and the sparsity."""
     from .allocation import get_allocation
     from .methods import METHODS, OptionError, PatternError, check_sparsity, parse_pattern
+    from .structured import check_structured_spec, resolve_method
 
     names = names or FLAG_NAMES
     name = lambda key: names.get(key, key)  # noqa: E731
     if spec.kind not in KINDS:
         raise UsageError(f"unknown run kind {spec.kind!r}; choose {' or '.join(KINDS)}")
     _check_text(spec.model, name("model"))
-    if spec.method not in METHODS:
-        raise UsageError(f"unknown method {spec.method!r}; choose one of {', '.join(METHODS)}")
-    method = METHODS[spec.method]
+    try:
+        if not isinstance(spec.pattern, str):
+            raise PatternError(f"pattern {spec.pattern!r} is not 'unstructured' or 'N:M' (quote it: \"2:4\")")
+        pattern = parse_pattern(spec.pattern)
+        # The pattern decides the registry: weight-pruning methods, or structured criteria.
+        method = resolve_method(spec.method, pattern, METHODS, name("method"), name("pattern"))
+    except PatternError as exc:
+        raise UsageError(str(exc)) from None
     if spec.kind == "eval" and method.name != "dense":
         raise UsageError("an eval run measures the model as it is: its method must be dense")
     try:
         allocation = get_allocation(spec.allocation)
         method_options, allocation_options = _split_options(method, allocation, spec.options, name("options"))
-        if not isinstance(spec.pattern, str):
-            raise PatternError(f"pattern {spec.pattern!r} is not 'unstructured' or 'N:M' (quote it: \"2:4\")")
-        pattern = parse_pattern(spec.pattern)
+        if pattern.is_structured:
+            check_structured_spec(method, pattern, method_options, allocation.name, spec.checkpoint_dir, name)
         if pattern.is_nm:
             if spec.sparsity is not None and spec.sparsity != pattern.sparsity:
                 raise UsageError(f"{name('sparsity')} {spec.sparsity} conflicts with pattern {pattern}, which prunes "

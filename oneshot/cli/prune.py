@@ -42,12 +42,17 @@ def add_prune_parser(commands) -> None:
     p.add_argument("--config", metavar="RUN.yaml", help="read the run from a YAML file; flags override its values")
     p.add_argument("--model", help="built-in alias (smollm2-135m, the default), random:<preset>, a .gguf file, a "
                                    "local directory or a Hub id")
-    p.add_argument("--method", help="dense | magnitude | wanda | sparsegpt (default sparsegpt)")
+    p.add_argument("--method", help="dense | magnitude | wanda | sparsegpt (default sparsegpt); with a structured "
+                                    "--pattern: magnitude | wanda | flap | taylor | gradient (heads, channels, "
+                                    "width) or magnitude | taylor | gradient | block-influence | angular (layers)")
     p.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="a method or allocation option, e.g. percdamp=0.1 (repeatable)")
     p.add_argument("--sparsity", type=float,
-                   help="fraction of weights to prune, in [0, 1); default 0.5 (N:M patterns fix it to N/M)")
-    p.add_argument("--pattern", help="unstructured (default) or N:M (N of every M inputs pruned), e.g. 2:4")
+                   help="fraction of weights to prune, in [0, 1); default 0.5 (N:M patterns fix it to N/M); for a "
+                        "structured pattern, the fraction of decoder-block parameters to remove")
+    p.add_argument("--pattern", help="unstructured (default) or N:M (N of every M inputs pruned), e.g. 2:4; or "
+                                     "remove whole units: layers (blocks), heads (KV groups), channels (MLP), "
+                                     "width (heads and channels)")
     p.add_argument("--allocation", help="per-layer sparsity: uniform (default)")
     p.add_argument("--sequential", action="store_true",
                    help="sublayer-sequential calibration: each group of layers (q/k/v, o, gate/up, down) is pruned "

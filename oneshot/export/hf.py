@@ -15,7 +15,8 @@ from pathlib import Path
 from ..paths import share_like_save_pretrained
 
 LINEAGE_KEYS = ("model", "model_source", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
-                "seed", "ppl", "versions", "options", "allocation", "sparsity_block_weights", "sparsity_model")
+                "seed", "ppl", "versions", "options", "allocation", "sparsity_block_weights", "sparsity_model",
+                "structure")
 
 
 def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
@@ -49,6 +50,11 @@ def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
         raise
 
 
+def directory_bytes(directory: str | Path) -> int:
+    """The size on disk of every file under `directory` (a saved model: weights, config, tokenizer, card)."""
+    return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
+
+
 def lineage_card(lineage: dict) -> str:
     calibration = lineage["calibration"] or {}
     lines = [
@@ -64,9 +70,13 @@ def lineage_card(lineage: dict) -> str:
     allocation = lineage.get("allocation") or {}
     if allocation.get("name", "uniform") != "uniform":
         lines.append(f"- allocation: {allocation['name']} {allocation.get('options') or ''}".rstrip())
-    lines += [
-        f"- measured sparsity of the pruned layers: {lineage['sparsity_measured']:.4f}",
-    ]
+    structure = lineage.get("structure")
+    if structure:
+        lines.append(f"- structured: removed {100 * structure['removed_fraction']:.1f}% of the decoder-block "
+                     f"parameters ({structure['params_before']:,} -> {structure['params_after']:,} parameters in all); config "
+                     + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in structure["config"].items()))
+    else:
+        lines.append(f"- measured sparsity of the pruned layers: {lineage['sparsity_measured']:.4f}")
     if lineage.get("sparsity_block_weights") is not None:
         lines.append(f"- sparsity of all decoder-block weights: {lineage['sparsity_block_weights']:.4f}, of the whole "
                      f"model: {lineage['sparsity_model']:.4f}")

@@ -2,7 +2,8 @@
 
 A mask is a bool tensor shaped like the weight: True marks a weight to prune (set to zero).
 Pattern "N:M" means N of every M consecutive inputs in a row are pruned (2:4 and 4:8 are 50%),
-as in the SparseGPT and Wanda reference code.
+as in the SparseGPT and Wanda reference code. The structured patterns (layers, heads, channels,
+width) remove whole units instead of zeroing weights; oneshot.structured carries them out.
 """
 from __future__ import annotations
 
@@ -34,10 +35,14 @@ class PatternError(ValueError):
     """A sparsity pattern or target that cannot be honoured; the message says what to change."""
 
 
+STRUCTURED_PATTERNS = ("layers", "heads", "channels", "width")  # what each removes: see oneshot.structured
+
+
 @dataclass(frozen=True)
 class Pattern:
     n: int = 0  # pruned per group; 0 means unstructured
     m: int = 0  # group size
+    structure: str = ""  # one of STRUCTURED_PATTERNS: whole units are removed, not weights zeroed
 
     @property
     def is_nm(self) -> bool:
@@ -45,11 +50,15 @@ class Pattern:
         return self.m > 0
 
     @property
+    def is_structured(self) -> bool:
+        return bool(self.structure)
+
+    @property
     def sparsity(self) -> float:
         return self.n / self.m
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+        return self.structure or (f"{self.n}:{self.m}" if self.is_nm else "unstructured")
 
     def check_width(self, columns: int, name: str = "layer") -> None:
         if self.is_nm and columns % self.m:
@@ -63,15 +72,18 @@ UNSTRUCTURED = Pattern()
 
 
 def parse_pattern(text: str | Pattern) -> Pattern:
-    """'unstructured' or 'N:M' with 0 < N < M."""
+    """'unstructured', 'N:M' with 0 < N < M, or a structured pattern (layers, heads, channels, width)."""
     if isinstance(text, Pattern):
         return text
     text = str(text).strip().lower()
     if text == "unstructured":
         return UNSTRUCTURED
+    if text in STRUCTURED_PATTERNS:
+        return Pattern(structure=text)
     match = re.fullmatch(r"(\d+):(\d+)", text)
     if not match:
-        raise PatternError(f"pattern {text!r} is not 'unstructured' or 'N:M' (for example 2:4 or 4:8)")
+        raise PatternError(f"pattern {text!r} is not 'unstructured', 'N:M' (for example 2:4 or 4:8) or one of "
+                           f"{', '.join(STRUCTURED_PATTERNS)}")
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise PatternError(f"pattern {text!r} needs 0 < N < M (for example 2:4 or 4:8)")

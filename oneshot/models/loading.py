@@ -215,6 +215,32 @@ def _hub_model_available(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def model_skeleton(spec: str) -> nn.Module:
+    """The model's modules and shapes without its weights (on the meta device), from the config alone:
+    checks that need the architecture (structured pruning's budget) run before any weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    kind = check_model_spec(spec)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        if kind == "random":
+            model_type, kwargs = PRESETS[spec[7:]]
+            config = AutoConfig.for_model(model_type, **kwargs)
+        elif kind in ("alias", "gguf"):
+            path = smollm2_path() if kind == "alias" else Path(spec).expanduser().resolve()
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(spec)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not read the config of model {spec}: {str(exc).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def build_random_model(preset: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """A model with a preset's real shapes and seeded random weights, created directly in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -103,6 +103,9 @@ class AttentionMap:
     qkv_bias: bool
     o_bias: bool
     head_norms: tuple[str, ...]  # norms over head_dim shared by all heads (Qwen3, Gemma 3): never sliced
+    # (config key, layer-name prefix): the switch that gives `o` a bias (and every layer under the
+    # prefix with it), where the family has one; None when `o` has a bias already or cannot get one.
+    bias_switch: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class MlpMap:
     intermediate_size: int
     up_bias: bool
     down_bias: bool
+    bias_switch: tuple[str, str] | None = None  # as AttentionMap.bias_switch, for `down`
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,10 +169,11 @@ def structure_map(model: nn.Module) -> StructureMap:
         module=spec.attention, o=spec.o, q=spec.q, k=spec.k, v=spec.v, qkv=spec.qkv, qkv_layout=spec.qkv_layout,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         qkv_bias=modules[spec.qkv or spec.q].bias is not None, o_bias=modules[spec.o].bias is not None,
-        head_norms=spec.head_norms)
+        head_norms=spec.head_norms, bias_switch=None if modules[spec.o].bias is not None else spec.o_bias_switch)
     mlp = MlpMap(module=spec.mlp, up=spec.up, gate=spec.gate, gate_up=spec.gate_up, down=spec.down,
                  intermediate_size=intermediate, up_bias=modules[mlp_in].bias is not None,
-                 down_bias=modules[spec.down].bias is not None)
+                 down_bias=modules[spec.down].bias is not None,
+                 bias_switch=None if modules[spec.down].bias is not None else spec.down_bias_switch)
 
     heads = _heads_coupling(spec, config, attention)
     channels = _channels_coupling(spec, mlp)
@@ -476,6 +481,9 @@ class _Family:
     head_counters: tuple[tuple[str, str], ...] = ()  # (attribute, "heads" or "kv_heads") on the attention module
     channel_counters: tuple[str, ...] = ()  # attributes on the MLP module equal to intermediate_size
     index_dependent_flags: tuple[str, ...] = ()  # config flags that tie a block's maths to its index
+    # Config switches that give the output projections a bias: (key, prefix of the layers it governs).
+    o_bias_switch: tuple[str, str] | None = None
+    down_bias_switch: tuple[str, str] | None = None
 
 
 _PER_LAYER_KEYS = ("layer_types",)  # config lists with one entry per block (Qwen2/3, Gemma 2/3)
@@ -483,26 +491,31 @@ _PER_LAYER_KEYS = ("layer_types",)  # config lists with one entry per block (Qwe
 _DERIVED_HEAD_DIM = "head_dim is hidden_size / num_heads (no head_dim setting), so fewer heads would change every head"
 
 
-def _llama_like(norms=("input_layernorm", "post_attention_layernorm"), head_norms=()) -> _Family:
+def _llama_like(norms=("input_layernorm", "post_attention_layernorm"), head_norms=(), o_bias_switch=None,
+                down_bias_switch=None) -> _Family:
     # Llama, Mistral, Qwen2/3, Gemma 1/2/3: separate q/k/v/o and gate/up/down, explicit head_dim.
     # Their attention keeps num_key_value_groups (heads per KV group), which whole-group removal preserves.
     return _Family(attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
                    o="self_attn.o_proj", mlp="mlp", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
-                   norms=norms, head_norms=head_norms, channel_counters=("intermediate_size",))
+                   norms=norms, head_norms=head_norms, channel_counters=("intermediate_size",),
+                   o_bias_switch=o_bias_switch, down_bias_switch=down_bias_switch)
 
 
 _GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm")
 _HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+# attention_bias gives q, k, v and o a bias together; Llama's mlp_bias gives gate, up and down one.
+# Mistral, Qwen2 (o), Phi-3 and the MLPs of Qwen3 and Gemma hard-code bias=False: no switch.
+_ATTENTION_BIAS = ("attention_bias", "self_attn.")
 
 _FAMILIES: dict[str, _Family] = {
-    "llama": _llama_like(),
+    "llama": _llama_like(o_bias_switch=_ATTENTION_BIAS, down_bias_switch=("mlp_bias", "mlp.")),
     "mistral": _llama_like(),
     "qwen2": _llama_like(),
-    "qwen3": _llama_like(head_norms=_HEAD_NORMS),
-    "gemma": _llama_like(),
-    "gemma2": _llama_like(norms=_GEMMA2_NORMS),
-    "gemma3_text": _llama_like(norms=_GEMMA2_NORMS, head_norms=_HEAD_NORMS),
+    "qwen3": _llama_like(head_norms=_HEAD_NORMS, o_bias_switch=_ATTENTION_BIAS),
+    "gemma": _llama_like(o_bias_switch=_ATTENTION_BIAS),
+    "gemma2": _llama_like(norms=_GEMMA2_NORMS, o_bias_switch=_ATTENTION_BIAS),
+    "gemma3_text": _llama_like(norms=_GEMMA2_NORMS, head_norms=_HEAD_NORMS, o_bias_switch=_ATTENTION_BIAS),
     # Phi-3's attention reads num_attention_heads from its config at forward time to split qkv_proj.
     "phi3": _Family(attention="self_attn", qkv="self_attn.qkv_proj", qkv_layout="q|k|v", o="self_attn.o_proj",
                     mlp="mlp", gate_up="mlp.gate_up_proj", down="mlp.down_proj",
@@ -520,5 +533,5 @@ _FAMILIES: dict[str, _Family] = {
     "gpt_neox": _Family(attention="attention", qkv="attention.query_key_value", qkv_layout="per-head q,k,v",
                         o="attention.dense", mlp="mlp", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h",
                         norms=("input_layernorm", "post_attention_layernorm"), kv_heads_key=None,
-                        heads_fixed=_DERIVED_HEAD_DIM),
+                        heads_fixed=_DERIVED_HEAD_DIM, o_bias_switch=("attention_bias", "attention.")),
 }

@@ -60,10 +60,17 @@ def spec_sparsity(spec: RunSpec):
 
 def uses_calibration(spec: RunSpec) -> bool:
     from ..allocation import ALLOCATIONS
-    from ..methods import METHODS
+    from ..methods import METHODS, PatternError, parse_pattern
+    from ..structured import resolve_method
 
-    method, allocation = METHODS.get(spec.method), ALLOCATIONS.get(spec.allocation)
-    return bool((method and method.statistic) or (allocation and allocation.statistic))
+    try:  # a structured pattern names a criterion, whose options may also read calibration data
+        method = resolve_method(spec.method, parse_pattern(spec.pattern), METHODS)
+    except PatternError:
+        method = METHODS.get(spec.method)
+    allocation = ALLOCATIONS.get(spec.allocation)
+    reads = getattr(method, "reads_calibration", None)
+    method_reads = reads(spec.options) if reads else bool(method and method.statistic)
+    return bool(method_reads or (allocation and allocation.statistic))
 
 
 def key_config(spec: RunSpec) -> dict:
@@ -95,7 +102,13 @@ def run_key(spec: RunSpec) -> str:
 def label(spec: RunSpec) -> str:
     if spec.method == "dense":
         return f"{spec.model} dense"
-    setting = f"{spec_sparsity(spec):g}" if spec.pattern == "unstructured" else spec.pattern
+    pattern = str(spec.pattern)
+    if ":" in pattern:
+        setting = pattern
+    elif pattern == "unstructured":
+        setting = f"{spec_sparsity(spec):g}"
+    else:  # structured: "layers 0.2"
+        setting = f"{pattern} {spec_sparsity(spec):g}"
     extra = "" if spec.allocation == "uniform" else f" {spec.allocation}"
     extra += "".join(f" {k}={v}" for k, v in spec.options.items())
     return f"{spec.model} {spec.method}{extra} {setting}"
@@ -119,7 +132,8 @@ class SweepConfig:
         """Per model: the dense baseline, then every pattern x method x allocation x option values
         (x sparsity when unstructured); duplicates removed."""
         from ..allocation import ALLOCATIONS
-        from ..methods import METHODS
+        from ..methods import METHODS, PatternError, parse_pattern
+        from ..structured import resolve_method
 
         runs = []
         for model in self.models:
@@ -128,13 +142,18 @@ class SweepConfig:
             for pattern, method, allocation in itertools.product(self.patterns, self.methods, self.allocations):
                 if method == "dense":
                     continue
-                declared = {o.name for o in getattr(METHODS.get(method), "options", ())}
+                try:  # the pattern picks the registry (a structured one names a criterion)
+                    resolved = resolve_method(method, parse_pattern(pattern), METHODS)
+                except PatternError:
+                    continue  # e.g. block-influence x heads: a grid of criteria x patterns keeps the pairs that apply
+                options_for = getattr(resolved, "options_for", lambda _structure: resolved.options)
+                declared = {o.name for o in options_for(pattern)}  # a structured one: those that apply to it
                 declared |= {o.name for o in getattr(ALLOCATIONS.get(allocation), "options", ())}
                 names = [name for name in self.options if name in declared]
                 for values in itertools.product(*(self.options[name] for name in names)):
                     common = dict(model=model, method=method, pattern=pattern, allocation=allocation,
                                   options=dict(zip(names, values)))
-                    if pattern == "unstructured":
+                    if not parse_pattern(pattern).is_nm:  # unstructured and structured take the sparsities
                         runs += [self.base.replace(sparsity=s, **common) for s in self.sparsities]
                     else:
                         runs.append(self.base.replace(sparsity=None, **common))
@@ -188,8 +207,9 @@ def load_config(path: str | Path) -> SweepConfig:
     sparsities = []
     if data.get("sparsities") is not None:
         sparsities = list(dict.fromkeys(_as_list(f"{where}: sparsities", data["sparsities"])))
-    elif any(m != "dense" for m in methods) and "unstructured" in patterns:
-        raise UsageError(f"{where}: missing required key 'sparsities' (needed for unstructured pruning)")
+    elif any(m != "dense" for m in methods) and any(not parse_pattern(p).is_nm for p in patterns):
+        raise UsageError(f"{where}: missing required key 'sparsities' (needed for unstructured and structured "
+                         "patterns)")
     options = data.get("options") or {}
     if not isinstance(options, dict):
         raise UsageError(f"{where}: options must map option names to a value or a list of values")
@@ -229,9 +249,12 @@ def _check_options_are_declared(where, options, methods, allocations) -> None:
     from ..allocation import ALLOCATIONS
     from ..methods import METHODS
 
+    from ..structured import CRITERIA
+
     declared = set()
     for name in methods:
         declared |= {o.name for o in getattr(METHODS.get(name), "options", ())}
+        declared |= {o.name for o in getattr(CRITERIA.get(name), "options", ())}
     for name in allocations:
         declared |= {o.name for o in getattr(ALLOCATIONS.get(name), "options", ())}
     for name in options:
@@ -251,7 +274,9 @@ def check_runs(config: SweepConfig) -> None:
             validate_fields(spec, SWEEP_NAMES)
         except UsageError as exc:
             raise UsageError(f"config {config.path}: {exc}") from None
-    unknown = [m for m in config.methods if m not in METHODS]
+    from ..structured import CRITERIA
+
+    unknown = [m for m in config.methods if m not in METHODS and m not in CRITERIA]
     if unknown:  # pragma: no cover - validate_fields names it first
         raise UsageError(f"config {config.path}: unknown method {unknown[0]!r}")
 

@@ -1,8 +1,10 @@
 """`oneshot report RESULTS.jsonl [--paper CONFIG.yaml] [--out DIR]`: tables and a plot of a sweep.
 
 Rows are model / method / pattern, columns are sparsity levels (the dense baseline is the one row at
-sparsity 0, once per model; N:M rows sit in the N/M column). One table per perplexity source, and one
-for the zero-shot mean accuracy when the records have it. Written next to the results (or to --out):
+sparsity 0, once per model; N:M rows sit in the N/M column; structured rows under their target
+fraction of decoder-block parameters). One table per perplexity source, one for the zero-shot mean
+accuracy when the records have it, and one for the fraction structured runs really removed.
+Written next to the results (or to --out):
 
 - `<stem>.md`: the markdown tables (also printed to stdout),
 - `<stem>.csv`: the same cells, one row per model/method/pattern/metric,
@@ -26,7 +28,8 @@ from ..atomic import write_atomic
 from ..errors import UsageError
 from .store import numbered_records
 
-METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt")
+METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt", "flap", "taylor", "gradient", "block-influence", "angular")
+STRUCTURED_ORDER = ("layers", "heads", "channels", "width")
 DENSE_PATTERN = "-"
 ZEROSHOT = "zero-shot mean acc"
 
@@ -97,6 +100,8 @@ def _sort_rows(rows):
         m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
         if pattern in (DENSE_PATTERN, "unstructured"):
             p = (0, 0, 0)
+        elif pattern in STRUCTURED_ORDER:
+            p = (2, STRUCTURED_ORDER.index(pattern), 0)
         else:
             n, mm = (int(x) for x in pattern.split(":"))
             p = (1, mm, n)
@@ -145,6 +150,9 @@ def build_grid(records: list[dict]) -> Grid:
         zeroshot = record.get("zeroshot")
         if isinstance(zeroshot, dict) and zeroshot.get("mean_acc") is not None:
             grid.put(("zeroshot", None), row, sparsity, _float(zeroshot["mean_acc"]))
+        structure = record.get("structure")
+        if isinstance(structure, dict) and structure.get("removed_fraction") is not None:
+            grid.put(("removed", None), row, sparsity, _float(structure["removed_fraction"]))
     return grid
 
 
@@ -187,6 +195,8 @@ def _metric_title(metric, grid: Grid) -> str:
     kind, source = metric
     if kind == "zeroshot":
         return "Zero-shot mean accuracy (higher is better)"
+    if kind == "removed":
+        return "Fraction of decoder-block parameters removed (structured runs; columns are the targets)"
     shapes = sorted(grid.windows.get(source, ()))
     if len(shapes) == 1:
         detail = f"; {shapes[0][0]} windows x {shapes[0][1]} tokens"
@@ -206,7 +216,7 @@ def _markdown_table(header, rows, right_from: int) -> list[str]:
 
 def metric_order(grid: Grid) -> list:
     ppl = [m for m in grid.metrics if m[0] == "ppl"]
-    return ppl + [m for m in grid.metrics if m[0] == "zeroshot"]
+    return ppl + [m for m in grid.metrics if m[0] == "zeroshot"] + [m for m in grid.metrics if m[0] == "removed"]
 
 
 def render_markdown(grid: Grid, title: str, comparison=None) -> str:
@@ -216,7 +226,7 @@ def render_markdown(grid: Grid, title: str, comparison=None) -> str:
     for metric in metric_order(grid):
         columns = grid.columns(metric)
         header = ["model", "method", "pattern"] + [fmt_sparsity(s) for s in columns]
-        rows = [[*row, *(fmt(grid.get(metric, row, s), metric[0] == "zeroshot") for s in columns)]
+        rows = [[*row, *(fmt(grid.get(metric, row, s), metric[0] != "ppl") for s in columns)]
                 for row in grid.rows(metric)]
         lines += [f"### {_metric_title(metric, grid)}", "", *_markdown_table(header, rows, 3), ""]
     if grid.collisions:
@@ -253,7 +263,7 @@ def write_csv(grid: Grid, path: Path) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "method", "pattern", "metric", *(fmt_sparsity(s) for s in columns)])
     for metric in metric_order(grid):
-        name = f"ppl:{metric[1]}" if metric[0] == "ppl" else "zeroshot_mean_acc"
+        name = {"ppl": f"ppl:{metric[1]}", "zeroshot": "zeroshot_mean_acc", "removed": "removed_fraction"}[metric[0]]
         for row in grid.rows(metric):
             values = [grid.get(metric, row, s) for s in columns]
             writer.writerow([*row, name, *("" if v is None else repr(v) for v in values)])
@@ -308,6 +318,8 @@ def plot(grid: Grid, path: Path, paper: dict | None = None) -> bool | None:
                 xs, ys = zip(*points)
                 if row[2] == "unstructured":
                     ax.plot(xs, ys, marker="o", color=colour, label=label)
+                elif row[2] in STRUCTURED_ORDER:  # x: the target fraction of block parameters
+                    ax.plot(xs, ys, marker="o^sD"[STRUCTURED_ORDER.index(row[2])], color=colour, label=label)
                 else:
                     ax.plot(xs, ys, linestyle="none", color=colour, label=label,
                             marker="s" if row[2].endswith(":4") else "^", markersize=8)
