@@ -252,16 +252,11 @@ def validate_fields(spec: RunSpec, names: dict | None = None) -> dict:
 
 def _split_options(method, allocation, given: dict, flag: str) -> tuple[dict, dict]:
     """Options go to whichever of the method and the allocation declares them."""
-    from .methods import OptionError
-
     if not isinstance(given, dict):
         raise UsageError(f"{flag} must map option names to values")
     mine = {o.name for o in allocation.options}
-    method_options = method.check_options({k: v for k, v in given.items() if k not in mine})
-    allocation_options = allocation.check_options({k: v for k, v in given.items() if k in mine})
-    if method_options is None or allocation_options is None:  # pragma: no cover - check_options raises
-        raise OptionError("options")
-    return method_options, allocation_options
+    return (method.check_options({k: v for k, v in given.items() if k not in mine}),
+            allocation.check_options({k: v for k, v in given.items() if k in mine}))
 
 
 def _check_text(value, flag: str) -> None:
