@@ -49,14 +49,13 @@ more time). Finally W' = Z D^-1, pruned entries exactly 0, in the weight's dtype
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .masks import Pattern, PruneResult, compute_dtype
 from .options import Option, check_options, defaults
-from .sparsegpt import NumericsError
+from .sparsegpt import NumericsError, damped_factor
 
 ADMM_OPTIONS: tuple[Option, ...] = (
     Option("iterations", int, 12, "ADMM iterations: ridge solve, projection, dual update (Boza: 20)",
@@ -104,24 +103,8 @@ def prepare_admm(hessian: torch.Tensor, percdamp: float = 0.01, max_percdamp: fl
     """Dead inputs get H[j, j] = 1; H += damp * I with damp = percdamp * mean(diag H); normalise to unit
     diagonal. If the damped H is not positive-definite, retry with 10x the damping up to max_percdamp,
     and warn (as SparseGPT's prepare_hessian does)."""
-    if not torch.isfinite(hessian).all():
-        raise NumericsError("the Hessian has NaN or inf entries (the layer's inputs are not finite)")
-    H = hessian.detach().to(compute_dtype(hessian.dtype), copy=True)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    damp_frac = percdamp
-    while True:
-        damped = H + damp_frac * mean_diag * eye
-        if torch.linalg.cholesky_ex(damped).info.item() == 0:
-            break
-        next_frac = damp_frac * 10 if damp_frac > 0 else 0.01  # percdamp=0 escalates to SparseGPT's default
-        if next_frac > max_percdamp:
-            raise NumericsError(f"Cholesky failed even with damping {damp_frac:g}; the Hessian is degenerate")
-        damp_frac = next_frac
-    if damp_frac != percdamp:
-        warnings.warn(f"Hessian was not positive-definite; used damping {damp_frac:g} instead of {percdamp:g}")
+    factorable = lambda damped: damped if torch.linalg.cholesky_ex(damped).info.item() == 0 else None  # noqa: E731
+    _same, damped, dead, damp_frac = damped_factor(hessian, percdamp, max_percdamp, factorable)
     scale = torch.sqrt(torch.diag(damped))
     normalized = damped / scale[:, None] / scale[None, :]
     normalized.diagonal().fill_(1)  # exactly 1, not 1 +- rounding

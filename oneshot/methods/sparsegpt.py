@@ -40,12 +40,11 @@ class InverseHessian:
     percdamp: float  # the damping fraction actually used
 
 
-def prepare_hessian(hessian: torch.Tensor, percdamp: float = 0.01, max_percdamp: float = 10.0,
-                    **_options) -> InverseHessian:
-    """Dead inputs get H[j, j] = 1; then U = chol(cholesky_inverse(chol(H + damp*I)), upper) with
-    damp = percdamp * mean(diag H). If H is not positive-definite, retry with 10x the damping up to
-    max_percdamp, and warn.
-    """
+def damped_factor(hessian: torch.Tensor, percdamp: float, max_percdamp: float, factor):
+    """Dead inputs (diag H = 0) get H[j, j] = 1; then H + damp*I with damp = percdamp * mean(diag H) is
+    handed to `factor`, which returns its factorisation or None when it fails (not positive-definite);
+    on failure the damping is raised 10x (from 0: to 0.01) up to max_percdamp, with a warning.
+    Returns (factorisation, damped H, dead inputs, damping fraction used). Shared by SparseGPT and ADMM."""
     if not torch.isfinite(hessian).all():
         raise NumericsError("the Hessian has NaN or inf entries (the layer's inputs are not finite)")
     H = hessian.detach().to(compute_dtype(hessian.dtype), copy=True)
@@ -55,16 +54,35 @@ def prepare_hessian(hessian: torch.Tensor, percdamp: float = 0.01, max_percdamp:
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     damp_frac = percdamp
     while True:
-        lower, info = torch.linalg.cholesky_ex(H + damp_frac * mean_diag * eye)
-        if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
-                break
-        if damp_frac * 10 > max_percdamp:
+        damped = H + damp_frac * mean_diag * eye
+        result = factor(damped)
+        if result is not None:
+            break
+        next_frac = damp_frac * 10 if damp_frac > 0 else 0.01  # from no damping, start at 1%
+        if next_frac > max_percdamp:
             raise NumericsError(f"Cholesky failed even with damping {damp_frac:g}; the Hessian is degenerate")
-        damp_frac = damp_frac * 10 if damp_frac > 0 else 0.01  # from no damping, start at 1%
+        damp_frac = next_frac
     if damp_frac != percdamp:
         warnings.warn(f"Hessian was not positive-definite; used damping {damp_frac:g} instead of {percdamp:g}")
+    return result, damped, dead, damp_frac
+
+
+def _inverse_factor(damped: torch.Tensor) -> torch.Tensor | None:
+    """U = chol(cholesky_inverse(chol(H)), upper), or None if either factorisation fails."""
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if info.item() != 0:
+        return None
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    return upper if info.item() == 0 and torch.isfinite(upper).all() else None
+
+
+def prepare_hessian(hessian: torch.Tensor, percdamp: float = 0.01, max_percdamp: float = 10.0,
+                    **_options) -> InverseHessian:
+    """Dead inputs get H[j, j] = 1; then U = chol(cholesky_inverse(chol(H + damp*I)), upper) with
+    damp = percdamp * mean(diag H). If H is not positive-definite, retry with 10x the damping up to
+    max_percdamp, and warn.
+    """
+    upper, _damped, dead, damp_frac = damped_factor(hessian, percdamp, max_percdamp, _inverse_factor)
     return InverseHessian(upper, dead, damp_frac)
 
 
