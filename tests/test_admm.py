@@ -142,9 +142,14 @@ def test_admm_without_iterations_is_the_normalised_magnitude_mask():
     H = hessian.double() + 0.01 * torch.diag(hessian.double()).mean() * torch.eye(96, dtype=torch.float64)
     scores = weight.double().abs() * torch.sqrt(torch.diag(H))  # |W| sqrt(H_jj): one budget per matrix
     k = int(weight.numel() * 0.6)
+    order = torch.argsort(scores.flatten())
     want = torch.zeros(weight.numel(), dtype=torch.bool)
-    want[torch.argsort(scores.flatten())[:k]] = True
-    assert torch.equal(result.mask, want.reshape(weight.shape))
+    want[order[:k]] = True
+    assert int(result.mask.sum()) == k
+    differ = (result.mask.flatten() != want).nonzero().flatten()
+    # fp32 and fp64 scores may order near-ties at the threshold differently: only those may differ
+    threshold = scores.flatten()[order[k]]
+    assert torch.allclose(scores.flatten()[differ], threshold.expand(len(differ)), rtol=1e-5, atol=0)
     assert torch.allclose(result.weight, weight.masked_fill(result.mask, 0), rtol=1e-6, atol=0)
     assert torch.all(result.weight[result.mask] == 0)
 
