@@ -2,7 +2,8 @@
 
 Until the CLI takes over (it turns SIGINT and SIGTERM into a clean unwind), an interrupt while the
 program is still importing exits at once with one line and status 130 (Ctrl-C) or 143 (SIGTERM):
-nothing has been written yet, and no traceback is printed.
+nothing has been written yet, and no traceback is printed. Once the CLI has returned, signals are
+ignored while the interpreter shuts down.
 """
 import signal
 import sys
@@ -18,4 +19,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _while_starting)
     from .cli import main as cli_main
 
-    return cli_main()
+    code = cli_main()
+    # The work is done and its files are whole: a signal that lands while the interpreter shuts down
+    # (after the last line of ours) changes nothing, so it is ignored rather than reported.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
