@@ -63,7 +63,7 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in (
               "FLAP (An et al., 2024)", (RECONSTRUCT, BIAS_COMPENSATION)),
     Criterion("taylor", ALL, GRADIENTS,
               "sum of |w * dL/dw| over the unit's (or block's) weights",
-              "LLM-Pruner element-wise first order (Ma et al., 2023); Taylor+ blocks (Kim et al., 2024)",
+              "LLM-Pruner element-wise first order (Ma et al., 2023); Taylor blocks (Kim et al., 2024)",
               (RECONSTRUCT,)),
     Criterion("gradient", ALL, GRADIENTS,
               "mean over sequences of |dL/dm| for a gate m on the unit's output (or the block's residual branch)",

@@ -49,8 +49,9 @@ def first_order(model: nn.Module, smap, kinds: list[str], ids: torch.Tensor, cri
     (one score for the block); criterion "taylor" or "gradient"."""
     device = torch.device(device)
     blocks = decoder_blocks(model)
-    # A backward pass holds every activation of a batch: about 2k tokens per batch keeps that modest.
-    batch_size = batch_size or max(1, min(default_batch_size(model, ids.shape[1], device), 2048 // ids.shape[1]))
+    # A backward pass holds every activation of a batch and the logits twice over: about 1k tokens per
+    # batch keeps SmolLM2-135M near 4 GiB of host memory (2k tokens: 6.5 GiB).
+    batch_size = batch_size or max(1, min(default_batch_size(model, ids.shape[1], device), 1024 // ids.shape[1]))
     couplings = {kind: smap.coupling(kind) for kind in kinds if kind != "blocks"}
     totals = [dict.fromkeys(kinds, 0.0) for _ in blocks]
     flags = {param: param.requires_grad for param in model.parameters()}
