@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from oneshot.record import versions  # noqa: E402
 from oneshot.engine import prune_model  # noqa: E402
+from oneshot.engine.sequential import SEQUENTIAL_STAGES  # noqa: E402
+from oneshot.engine.stages import DEFAULT_STAGES  # noqa: E402
 from oneshot.methods import get_method, parse_pattern  # noqa: E402
 from oneshot.models import decoder_blocks, get_weight, load_model, prunable_layers  # noqa: E402
 
@@ -45,13 +47,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ours(model, method: str, pattern: str, ids, device: str, batch_size=None) -> dict:
+def time_ours(model, method: str, pattern: str, ids, device: str, batch_size=None, sequential=False) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
     report = prune_model(model, get_method(method), 0.5, parse_pattern(pattern), ids, device=device,
-                         batch_size=batch_size, progress=False)
+                         batch_size=batch_size, progress=False,
+                         stages=SEQUENTIAL_STAGES if sequential else DEFAULT_STAGES)
     _sync(device)
     wall = time.perf_counter() - start
     return {"wall_s": wall, "sparsity": report.sparsity,
@@ -97,6 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-fraction", type=float, default=None,
                         help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     parser.add_argument("--reference", type=Path, default=None, help="a locuslab/wanda checkout to time beside ours")
+    parser.add_argument("--sequential", action="store_true",
+                        help="also time ours with sublayer-sequential calibration (--sequential), beside the default")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results.jsonl")
     args = parser.parse_args(argv)
 
@@ -120,6 +125,12 @@ def main(argv=None) -> int:
             ours = time_ours(loaded.model, method, pattern, ids, args.device, args.batch_size)
             row = {"impl": "oneshot", "method": method, "pattern": pattern, **ours}
             rows.append(row)
+            print(f"  oneshot   {method:9s} {pattern:12s} {ours['wall_s']:8.1f} s", file=sys.stderr)
+            if args.sequential:
+                loaded.model.load_state_dict(pristine)
+                seq = time_ours(loaded.model, method, pattern, ids, args.device, args.batch_size, sequential=True)
+                rows.append({"impl": "oneshot --sequential", "method": method, "pattern": pattern, **seq})
+                print(f"  oneshot --sequential {method:9s} {pattern:12s} {seq['wall_s']:8.1f} s", file=sys.stderr)
             if args.reference:
                 our_zeros = zero_masks(loaded.model)
                 loaded.model.load_state_dict(pristine)
@@ -127,14 +138,18 @@ def main(argv=None) -> int:
                 rows.append({"impl": "reference", "method": method, "pattern": pattern, **ref,
                              "ratio_ref_over_ours": ref["wall_s"] / ours["wall_s"],
                              "mask_agreement": mask_agreement(our_zeros, zero_masks(loaded.model))})
-            print(f"  {rows[-1]['impl']:9s} {method:9s} {pattern:12s} {rows[-1]['wall_s']:8.1f} s", file=sys.stderr)
+                print(f"  reference {method:9s} {pattern:12s} {ref['wall_s']:8.1f} s", file=sys.stderr)
 
     tokens = args.nsamples * args.seqlen
-    print("\n| impl | method | pattern | wall s | peak GPU GiB | calib tokens/s | ref / ours | masks agree |")
+    ref_wall = {(r["method"], r["pattern"]): r["wall_s"] for r in rows if r["impl"] == "reference"}
+    for row in rows:
+        if (row["method"], row["pattern"]) in ref_wall:
+            row["time_over_reference"] = row["wall_s"] / ref_wall[row["method"], row["pattern"]]
+    print("\n| impl | method | pattern | wall s | peak GPU GiB | calib tokens/s | time / reference | masks agree |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         peak = "-" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:.2f}"
-        ratio = f"{row['ratio_ref_over_ours']:.2f}" if "ratio_ref_over_ours" in row else ""
+        ratio = f"{row['time_over_reference']:.2f}" if "time_over_reference" in row else ""
         agree = f"{100 * row['mask_agreement']:.3f}%" if "mask_agreement" in row else ""
         print(f"| {row['impl']} | {row['method']} | {row['pattern']} | {row['wall_s']:.2f} | {peak} | "
               f"{tokens / row['wall_s']:.0f} | {ratio} | {agree} |")

@@ -239,3 +239,12 @@ def test_zero_shot_tasks_are_passed_on_and_reported(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "z.csv").open()))
     assert [(r["method"], r["metric"]) for r in rows][-1] == ("wanda", "zeroshot_mean_acc")
     assert float(rows[-1]["0.5"]) == 0.57
+
+
+def test_grid_keeps_only_allocations_that_apply_to_the_pattern(tmp_path):
+    """owl x 2:4 is left out of a grid (N:M fixes every layer's sparsity); owl x unstructured stays."""
+    config = write_config(tmp_path, methods="[wanda]", patterns='[unstructured, "2:4"]', sparsities="[0.6]",
+                          extra="allocations: [uniform, owl]\n")
+    got = {(r.method, r.pattern, r.allocation) for r in load_config(config).runs()}
+    assert got == {("dense", "unstructured", "uniform"), ("wanda", "unstructured", "uniform"),
+                   ("wanda", "unstructured", "owl"), ("wanda", "2:4", "uniform")}

@@ -146,6 +146,8 @@ class SweepConfig:
                     resolved = resolve_method(method, parse_pattern(pattern), METHODS)
                 except PatternError:
                     continue  # e.g. block-influence x heads: a grid of criteria x patterns keeps the pairs that apply
+                if parse_pattern(pattern).is_nm and not getattr(ALLOCATIONS.get(allocation), "accepts_nm", True):
+                    continue  # e.g. owl x 2:4: N:M fixes every layer's sparsity, so there is nothing to allocate
                 options_for = getattr(resolved, "options_for", lambda _structure: resolved.options)
                 declared = {o.name for o in options_for(pattern)}  # a structured one: those that apply to it
                 declared |= {o.name for o in getattr(ALLOCATIONS.get(allocation), "options", ())}
