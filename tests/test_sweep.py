@@ -73,8 +73,12 @@ def test_two_point_sweep_writes_results_report_csv_and_png(tmp_path, capsys):
     assert f"{ours - 510.0:+.2f}" in printed
 
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
-    assert [(r["method"], r["pattern"]) for r in rows] == [("dense", "-"), ("wanda", "unstructured")]
+    assert [(r["method"], r["pattern"], r["metric"]) for r in rows] == [
+        ("dense", "-", "ppl:wiki-offline"), ("wanda", "unstructured", "ppl:wiki-offline"),
+        ("wanda", "unstructured", "prune_s")]  # the dense baseline prunes nothing: no time row
     assert float(rows[1]["0.6"]) == pytest.approx(records[2]["ppl"]["wiki-offline"])
+    assert float(rows[2]["0.3"]) == pytest.approx(records[1]["timings"]["prune_s"])
+    assert "### Prune time in seconds" in printed
     assert rows[0]["metric"] == "ppl:wiki-offline" and rows[0]["0.3"] == ""
     paper = list(csv.DictReader((tmp_path / "out" / "results.paper.csv").open()))
     assert float(paper[1]["difference"]) == pytest.approx(ours - 510.0)
@@ -248,3 +252,21 @@ def test_grid_keeps_only_allocations_that_apply_to_the_pattern(tmp_path):
     got = {(r.method, r.pattern, r.allocation) for r in load_config(config).runs()}
     assert got == {("dense", "unstructured", "uniform"), ("wanda", "unstructured", "uniform"),
                    ("wanda", "unstructured", "owl"), ("wanda", "2:4", "uniform")}
+
+
+def test_report_gives_allocations_orders_and_options_rows_of_their_own(tmp_path):
+    """OWL, --sequential and option values are other methods in a table, never a collision with the plain one."""
+    from oneshot.sweep.report import build_grid, method_label
+
+    base = {"model": "m", "method": "wanda", "pattern": "unstructured", "sparsity_target": 0.6, "ppl": {"w": 30.0},
+            "timings": {"prune_s": 2.0}}
+    records = [base, {**base, "allocation": {"name": "owl", "options": {}}, "ppl": {"w": 25.0}},
+               {**base, "method": "admm", "allocation": {"name": "owl"}, "sequential": True,
+                "options": {"iterations": 20}, "ppl": {"w": 20.0}},
+               {**base, "allocation": {"name": "uniform"}, "sequential": False, "options": {}, "run_key": "x"}]
+    assert [method_label(r) for r in records] == ["wanda", "wanda (owl)", "admm (owl, sequential, iterations=20)",
+                                                  "wanda"]
+    grid = build_grid(records[:3])
+    assert grid.collisions == 0
+    assert [row[1] for row in grid.rows(("ppl", "w"))] == ["wanda", "wanda (owl)", "admm (owl, sequential, iterations=20)"]
+    assert grid.get(("prune_s", None), ("m", "wanda (owl)", "unstructured"), 0.6) == 2.0

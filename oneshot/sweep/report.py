@@ -28,7 +28,7 @@ from ..atomic import write_atomic
 from ..errors import UsageError
 from .store import numbered_records
 
-METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt", "flap", "taylor", "gradient", "block-influence", "angular")
+METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt", "admm", "flap", "taylor", "gradient", "block-influence", "angular")
 STRUCTURED_ORDER = ("layers", "heads", "channels", "width")
 DENSE_PATTERN = "-"
 ZEROSHOT = "zero-shot mean acc"
@@ -88,8 +88,23 @@ def record_problem(record: dict) -> str | None:
     return None
 
 
-def _row_key(record: dict) -> tuple:
+def method_label(record: dict) -> str:
+    """The method as a row names it: with its allocation, calibration order and options when they are
+    not the defaults ("sparsegpt (owl)", "admm (owl, sequential)"), so such runs get rows of their own."""
     method = str(record.get("method"))
+    allocation = record.get("allocation")
+    name = allocation.get("name") if isinstance(allocation, dict) else allocation
+    extras = [str(name)] if name and name != "uniform" else []
+    if record.get("sequential"):
+        extras.append("sequential")
+    options = record.get("options")
+    if isinstance(options, dict):
+        extras += [f"{k}={v}" for k, v in sorted(options.items())]
+    return f"{method} ({', '.join(extras)})" if extras else method
+
+
+def _row_key(record: dict) -> tuple:
+    method = method_label(record)
     pattern = DENSE_PATTERN if method == "dense" else str(record.get("pattern", "unstructured"))
     return str(record.get("model")), method, pattern
 
@@ -97,7 +112,8 @@ def _row_key(record: dict) -> tuple:
 def _sort_rows(rows):
     def key(row):
         model, method, pattern = row
-        m = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        base = method.split(" ")[0]
+        m = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
         if pattern in (DENSE_PATTERN, "unstructured"):
             p = (0, 0, 0)
         elif pattern in STRUCTURED_ORDER:
@@ -150,6 +166,9 @@ def build_grid(records: list[dict]) -> Grid:
         zeroshot = record.get("zeroshot")
         if isinstance(zeroshot, dict) and zeroshot.get("mean_acc") is not None:
             grid.put(("zeroshot", None), row, sparsity, _float(zeroshot["mean_acc"]))
+        prune_s = (record.get("timings") or {}).get("prune_s") if isinstance(record.get("timings"), dict) else None
+        if record.get("method") != "dense" and _is_number(prune_s):
+            grid.put(("prune_s", None), row, sparsity, float(prune_s))
         structure = record.get("structure")
         if isinstance(structure, dict) and structure.get("removed_fraction") is not None:
             grid.put(("removed", None), row, sparsity, _float(structure["removed_fraction"]))
@@ -179,6 +198,12 @@ def fmt(value, accuracy: bool = False) -> str:
     return f"{value:.1f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
+def fmt_cell(metric, value) -> str:
+    if metric[0] == "prune_s":
+        return "" if value is None else f"{value:.1f}"
+    return fmt(value, metric[0] != "ppl")
+
+
 def fmt_sparsity(sparsity: float) -> str:
     return f"{sparsity:g}"
 
@@ -195,6 +220,8 @@ def _metric_title(metric, grid: Grid) -> str:
     kind, source = metric
     if kind == "zeroshot":
         return "Zero-shot mean accuracy (higher is better)"
+    if kind == "prune_s":
+        return "Prune time in seconds (calibration statistics and pruning; loading and evaluation excluded)"
     if kind == "removed":
         return "Fraction of decoder-block parameters removed (structured runs; columns are the targets)"
     shapes = sorted(grid.windows.get(source, ()))
@@ -216,7 +243,7 @@ def _markdown_table(header, rows, right_from: int) -> list[str]:
 
 def metric_order(grid: Grid) -> list:
     ppl = [m for m in grid.metrics if m[0] == "ppl"]
-    return ppl + [m for m in grid.metrics if m[0] == "zeroshot"] + [m for m in grid.metrics if m[0] == "removed"]
+    return ppl + [m for kind in ("zeroshot", "removed", "prune_s") for m in grid.metrics if m[0] == kind]
 
 
 def render_markdown(grid: Grid, title: str, comparison=None) -> str:
@@ -226,7 +253,7 @@ def render_markdown(grid: Grid, title: str, comparison=None) -> str:
     for metric in metric_order(grid):
         columns = grid.columns(metric)
         header = ["model", "method", "pattern"] + [fmt_sparsity(s) for s in columns]
-        rows = [[*row, *(fmt(grid.get(metric, row, s), metric[0] != "ppl") for s in columns)]
+        rows = [[*row, *(fmt_cell(metric, grid.get(metric, row, s)) for s in columns)]
                 for row in grid.rows(metric)]
         lines += [f"### {_metric_title(metric, grid)}", "", *_markdown_table(header, rows, 3), ""]
     if grid.collisions:
@@ -263,7 +290,8 @@ def write_csv(grid: Grid, path: Path) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "method", "pattern", "metric", *(fmt_sparsity(s) for s in columns)])
     for metric in metric_order(grid):
-        name = {"ppl": f"ppl:{metric[1]}", "zeroshot": "zeroshot_mean_acc", "removed": "removed_fraction"}[metric[0]]
+        name = {"ppl": f"ppl:{metric[1]}", "zeroshot": "zeroshot_mean_acc", "removed": "removed_fraction",
+                "prune_s": "prune_s"}[metric[0]]
         for row in grid.rows(metric):
             values = [grid.get(metric, row, s) for s in columns]
             writer.writerow([*row, name, *("" if v is None else repr(v) for v in values)])
