@@ -270,3 +270,9 @@ def test_report_gives_allocations_orders_and_options_rows_of_their_own(tmp_path)
     assert grid.collisions == 0
     assert [row[1] for row in grid.rows(("ppl", "w"))] == ["wanda", "wanda (owl)", "admm (owl, sequential, iterations=20)"]
     assert grid.get(("prune_s", None), ("m", "wanda (owl)", "unstructured"), 0.6) == 2.0
+
+
+def test_labels_tell_sequential_runs_apart(tmp_path):
+    config = write_config(tmp_path, methods="[sparsegpt]", sparsities="[0.6]", extra="sequential: true\n")
+    assert [label(r) for r in load_config(config).runs()] == ["random:tiny-llama dense",
+                                                              "random:tiny-llama sparsegpt sequential 0.6"]

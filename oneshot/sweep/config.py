@@ -110,6 +110,7 @@ def label(spec: RunSpec) -> str:
     else:  # structured: "layers 0.2"
         setting = f"{pattern} {spec_sparsity(spec):g}"
     extra = "" if spec.allocation == "uniform" else f" {spec.allocation}"
+    extra += " sequential" if spec.sequential else ""
     extra += "".join(f" {k}={v}" for k, v in spec.options.items())
     return f"{spec.model} {spec.method}{extra} {setting}"
 
