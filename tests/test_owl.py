@@ -197,3 +197,58 @@ def test_owl_options_declared_with_the_authors_defaults():
     for bad in ({"owl_m": 0}, {"owl_lambda": -0.01}, {"owl_lambda": 0.6}, {"owl_alpha": 1}):
         with pytest.raises(OptionError):
             check_options("owl", OWL_OPTIONS, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: run(RunSpec(allocation="owl")) on a tiny model against a brute force from its activations
+# ---------------------------------------------------------------------------------------------
+
+def test_owl_run_on_a_tiny_model_equals_brute_force(tmp_path):
+    from oneshot import RunSpec, run
+    from oneshot.models import load_model
+    from oneshot.spec import Calibration, Evaluation
+
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    torch.save(ids, tmp_path / "windows.pt")
+    loaded = load_model("random:tiny-llama", dtype=torch.float32, seed=0)
+    dense = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+
+    # Brute force: each linear layer's input squared norms over the windows, on the dense model.
+    linears = {name: m for name, m in loaded.model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in name}
+    sq = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
+    def gather(name):
+        def hook(_module, inputs, _output):
+            sq[name].add_(inputs[0].double().reshape(-1, inputs[0].shape[-1]).pow(2).sum(0))
+        return hook
+
+    hooks = [m.register_forward_hook(gather(name)) for name, m in linears.items()]
+    with torch.no_grad():
+        for row in ids:
+            loaded.model(row[None])
+    for hook in hooks:
+        hook.remove()
+    blocks = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in linears})
+    ratios, weights = [], []
+    for b in blocks:
+        names = [n for n in linears if f".layers.{b}." in n]
+        scores = [linears[n].weight.detach().double().abs() * sq[n].sqrt() for n in names]
+        ratios.append(brute_ratio(scores, 5.0))
+        weights.append(sum(linears[n].weight.numel() for n in names))
+    values = [(r - min(ratios)) / (max(ratios) - min(ratios)) * 0.16 for r in ratios]
+    center = sum(w * v for w, v in zip(weights, values)) / sum(weights)
+    expected = [0.6 - (v - center) for v in values]
+
+    loaded.model.load_state_dict(dense)
+    record = run(RunSpec(model="random:tiny-llama", method="wanda", sparsity=0.6, allocation="owl",
+                         calibration=Calibration(f"tokens:{tmp_path / 'windows.pt'}"), eval=Evaluation(ppl=()),
+                         device="cpu", dtype="float32", progress=False), loaded=loaded)
+    per_layer = record.sparsity_target_per_layer
+    got = [per_layer[next(k for k in per_layer if k.startswith(f"{b}."))] for b in blocks]
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert len(set(round(v, 9) for v in got)) > 1  # the blocks really differ
+    for b, target in zip(blocks, got):  # every layer of a block gets the block's target
+        assert all(v == pytest.approx(target) for k, v in per_layer.items() if k.startswith(f"{b}."))
+    total = sum(weights)
+    assert sum(t * w for t, w in zip(got, weights)) / total == pytest.approx(0.6, abs=1e-12)
+    assert record.timings["allocate_s"] > 0 and record.timings["prune_s"] >= record.timings["allocate_s"]
