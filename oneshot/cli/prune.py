@@ -42,7 +42,7 @@ def add_prune_parser(commands) -> None:
     p.add_argument("--config", metavar="RUN.yaml", help="read the run from a YAML file; flags override its values")
     p.add_argument("--model", help="built-in alias (smollm2-135m, the default), random:<preset>, a .gguf file, a "
                                    "local directory or a Hub id")
-    p.add_argument("--method", help="dense | magnitude | wanda | sparsegpt (default sparsegpt); with a structured "
+    p.add_argument("--method", help="dense | magnitude | wanda | sparsegpt | admm (default sparsegpt); with a structured "
                                     "--pattern: magnitude | wanda | flap | taylor | gradient (heads, channels, "
                                     "width) or magnitude | taylor | gradient | block-influence | angular (layers)")
     p.add_argument("--option", action="append", metavar="NAME=VALUE",
@@ -53,7 +53,8 @@ def add_prune_parser(commands) -> None:
     p.add_argument("--pattern", help="unstructured (default) or N:M (N of every M inputs pruned), e.g. 2:4; or "
                                      "remove whole units: layers (blocks), heads (KV groups), channels (MLP), "
                                      "width (heads and channels)")
-    p.add_argument("--allocation", help="per-layer sparsity: uniform (default)")
+    p.add_argument("--allocation", help="per-layer sparsity: uniform (default) | owl (outlier-weighted, unstructured "
+                                        "only; options owl_m, owl_lambda)")
     p.add_argument("--sequential", action="store_true",
                    help="sublayer-sequential calibration: each group of layers (q/k/v, o, gate/up, down) is pruned "
                         "before calibration data passes through it; the block runs once")
