@@ -1,0 +1,90 @@
+"""Prune time of whole runs side by side: each variant through `oneshot.run` on a copy of one loaded model,
+round-robin, so that a busy neighbour slows every variant alike. Evaluation is off; the time is the
+record's `timings.prune_s` (an allocation's own pass, such as OWL's, included).
+
+    OMP_NUM_THREADS=1 python benchmarks/prune_time.py --sparsity 0.7 --nsamples 32 --seqlen 1024 \
+        --variants sparsegpt,admm+owl+sequential --rounds 1
+
+A variant is a method with optional `+owl` (allocation) and `+sequential`. Prints a table with each
+variant's median time and its ratio to the first variant's, and appends one JSON line per run to
+--results.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from oneshot import RunSpec, run  # noqa: E402
+from oneshot.models import load_model  # noqa: E402
+from oneshot.record import versions  # noqa: E402
+from oneshot.spec import Calibration, Evaluation  # noqa: E402
+
+
+def variant_spec(variant: str, args) -> RunSpec:
+    method, *extras = variant.split("+")
+    unknown = set(extras) - {"owl", "sequential"}
+    if unknown:
+        raise SystemExit(f"--variants: {variant!r}: unknown part(s) {sorted(unknown)}; use METHOD[+owl][+sequential]")
+    return RunSpec(model=args.model, method=method, sparsity=None if ":" in args.pattern else args.sparsity,
+                   pattern=args.pattern, allocation="owl" if "owl" in extras else "uniform",
+                   sequential="sequential" in extras, calibration=Calibration("wiki-offline", args.nsamples, args.seqlen),
+                   eval=Evaluation(ppl=()), seed=args.seed, device=args.device, dtype="float32", progress=False)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--variants", default="sparsegpt,admm+owl+sequential")
+    parser.add_argument("--sparsity", type=float, default=0.7)
+    parser.add_argument("--pattern", default="unstructured")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results.jsonl")
+    args = parser.parse_args(argv)
+
+    variants = args.variants.split(",")
+    specs = {v: variant_spec(v, args) for v in variants}
+    base = load_model(args.model, dtype=torch.float32, seed=args.seed)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for round_ in range(args.rounds):
+        for variant in variants:
+            loaded = type(base)(copy.deepcopy(base.model), base.tokenizer, base.name, base.source)
+            started = time.perf_counter()
+            record = run(specs[variant], loaded=loaded)
+            times[variant].append(record.timings["prune_s"])
+            print(f"  round {round_ + 1} {variant:24s} prune {record.timings['prune_s']:7.1f} s "
+                  f"(run {time.perf_counter() - started:.1f} s), sparsity {record.sparsity_measured:.4f}", file=sys.stderr)
+    first = statistics.median(times[variants[0]])
+    setting = args.pattern if ":" in args.pattern else f"{args.sparsity:g}"
+    print(f"\n{args.model}, {setting}, {args.nsamples} x {args.seqlen} calibration, {torch.get_num_threads()} "
+          f"thread(s), {args.rounds} round(s)\n")
+    print(f"| variant | prune s (median) | x {variants[0]} |")
+    print("|---|---:|---:|")
+    for variant in variants:
+        median = statistics.median(times[variant])
+        print(f"| {variant} | {median:.1f} | {median / first:.2f} |")
+    stamp = {"benchmark": "prune_time", "model": args.model, "setting": setting, "nsamples": args.nsamples,
+             "seqlen": args.seqlen, "threads": torch.get_num_threads(), "versions": versions(),
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "command": " ".join(["python", "benchmarks/prune_time.py", *(argv if argv is not None else sys.argv[1:])])}
+    with open(args.results, "a") as handle:
+        for variant in variants:
+            handle.write(json.dumps({**stamp, "variant": variant, "prune_s": times[variant]}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
