@@ -126,13 +126,13 @@ def main(argv=None) -> int:
             row = {"impl": "oneshot", "method": method, "pattern": pattern, **ours}
             rows.append(row)
             print(f"  oneshot   {method:9s} {pattern:12s} {ours['wall_s']:8.1f} s", file=sys.stderr)
+            our_zeros = zero_masks(loaded.model) if args.reference else None  # the default order's masks
             if args.sequential:
                 loaded.model.load_state_dict(pristine)
                 seq = time_ours(loaded.model, method, pattern, ids, args.device, args.batch_size, sequential=True)
                 rows.append({"impl": "oneshot --sequential", "method": method, "pattern": pattern, **seq})
                 print(f"  oneshot --sequential {method:9s} {pattern:12s} {seq['wall_s']:8.1f} s", file=sys.stderr)
             if args.reference:
-                our_zeros = zero_masks(loaded.model)
                 loaded.model.load_state_dict(pristine)
                 ref = time_reference(args.reference, loaded.model, method, pattern, ids, args.device)
                 rows.append({"impl": "reference", "method": method, "pattern": pattern, **ref,
