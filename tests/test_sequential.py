@@ -59,3 +59,22 @@ def test_sequential_differs_from_the_default_order_and_keeps_patterns():
         for layer in prunable_layers(block).values():
             groups = (get_weight(layer) == 0).reshape(get_weight(layer).shape[0], -1, 4).sum(-1)
             assert bool((groups == 2).all())
+
+
+def test_groups_are_found_once_per_kind_of_block(monkeypatch):
+    """The grouping forward runs once per block class and layer set, and every block gets the same groups."""
+    from oneshot.engine import sequential
+
+    found = []
+    real = sequential._find_groups
+    monkeypatch.setattr(sequential, "_GROUPS_BY_BLOCK_KIND", {})
+    monkeypatch.setattr(sequential, "_find_groups", lambda visit: found.append(visit.index) or real(visit))
+    seen, prune_layers = [], sequential.prune_layers
+    monkeypatch.setattr(sequential, "prune_layers", lambda visit, group: seen.append(list(group)) or prune_layers(visit, group))
+    model = build_random_model("tiny-llama", torch.float64)
+    ids = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(2))
+    prune_model(model, get_method("wanda"), 0.5, parse_pattern("unstructured"), ids, batch_size=2, progress=False,
+                stages=SEQUENTIAL_STAGES)
+    blocks = len(decoder_blocks(model))
+    assert blocks > 1 and found == [0]
+    assert seen == GROUPS["tiny-llama"] * blocks

@@ -24,7 +24,24 @@ from .capture import Caught, forward_block, store
 from .stages import BlockVisit, check_finite, prune_layers
 
 
+# Grouping is a property of a block's forward code, so blocks of one class with the same layers share it:
+# it is found once (a forward of one chunk) instead of once per block. Not for experts, whose routing
+# is checked on each block's first chunk.
+_GROUPS_BY_BLOCK_KIND: dict[tuple, list[list[str]]] = {}
+
+
 def _groups(visit: BlockVisit) -> list[list[str]]:
+    kind = (type(visit.block), tuple(visit.layers))
+    cacheable = not any(".experts." in name for name in visit.layers)
+    if cacheable and kind in _GROUPS_BY_BLOCK_KIND:
+        return [list(group) for group in _GROUPS_BY_BLOCK_KIND[kind]]
+    groups = _find_groups(visit)
+    if cacheable:
+        _GROUPS_BY_BLOCK_KIND[kind] = [list(group) for group in groups]
+    return groups
+
+
+def _find_groups(visit: BlockVisit) -> list[list[str]]:
     """Layers in first-call order, grouped by the tensor they read (found on the first chunk)."""
     order, inputs = [], []
 
