@@ -20,6 +20,30 @@ import torch
 BITS = {"int8": 8, "int4": 4}
 
 
+class QuantizationError(ValueError):
+    """A quantisation setting the model cannot take (a group size that does not divide a layer)."""
+
+
+def check_group_size(model, grid: "Grid", flag: str = "--group-size") -> None:
+    """Every prunable layer's input width must be a multiple of the group size (packed formats and
+    their kernels need whole groups)."""
+    from ..models import decoder_blocks, get_weight, prunable_layers
+
+    if grid.group_size is None:
+        return
+    for block in decoder_blocks(model):
+        for name, layer in prunable_layers(block).items():
+            width = get_weight(layer).shape[1]
+            if width % grid.group_size:
+                raise QuantizationError(f"{flag} {grid.group_size} does not divide the {width} inputs of layer {name}; "
+                                        f"choose a divisor of {width} such as {_divisor_hint(width, grid.group_size)}")
+
+
+def _divisor_hint(width: int, size: int) -> int:
+    divisors = [d for d in (256, 128, 64, 32, 16, 8) if width % d == 0]
+    return min(divisors, key=lambda d: abs(d - size)) if divisors else width
+
+
 @dataclass(frozen=True)
 class Grid:
     bits: int
