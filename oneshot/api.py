@@ -283,7 +283,8 @@ def _evaluate(plan: Plan, loaded, seqlen, timings) -> tuple[dict, dict, dict | N
 
 
 def _lineage(model: str) -> dict | None:
-    card = Path(model).expanduser() / "oneshot.json"
+    path = Path(model).expanduser()
+    card = (path.parent if path.is_file() else path) / "oneshot.json"  # a saved .gguf has its card beside it
     if not card.is_file():
         return None
     return json.loads(card.read_text())

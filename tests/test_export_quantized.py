@@ -19,30 +19,13 @@ pytest.importorskip("gguf")
 LOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-directory, fmt, ids_path, out = sys.argv[1:5]
-extra = {"gguf_file": "model.gguf"} if fmt == "gguf" else {}
-model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra).eval()
-with torch.no_grad():
-    torch.save(model(torch.load(ids_path)).logits, out)
+ids = torch.load(sys.argv[1])
+for directory, fmt in zip(sys.argv[2::2], sys.argv[3::2]):
+    extra = {"gguf_file": "model.gguf"} if fmt == "gguf" else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra).eval()
+    with torch.no_grad():
+        torch.save(model(ids).logits, directory + ".logits.pt")
 """
-
-
-def _run(tmp_path, method, pattern, quantize, fmt, **extra):
-    loaded = load_model("random:tiny-llama", dtype=torch.float32, seed=0)
-    spec = RunSpec(model="random:tiny-llama", method=method, pattern=pattern, quantize=quantize, format=fmt,
-                   calibration=Calibration(nsamples=4, seqlen=32), eval=Evaluation(ppl=(), samples=1),
-                   save_model=str(tmp_path / "saved"), progress=False, **extra)
-    record = run(spec, loaded=loaded)
-    return record, loaded.model
-
-
-def _reloaded_logits(tmp_path, fmt, ids):
-    torch.save(ids, tmp_path / "ids.pt")
-    done = subprocess.run([sys.executable, "-c", LOAD, str(tmp_path / "saved"), fmt, str(tmp_path / "ids.pt"),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(tmp_path / "logits.pt")
-
 
 CASES = [  # method, pattern, quantize, format, extra spec fields
     ("sparsegpt", "2:4", "int4", "compressed-tensors", dict(group_size=32, symmetric=True)),
@@ -52,22 +35,50 @@ CASES = [  # method, pattern, quantize, format, extra spec fields
     ("wanda", "unstructured", None, "gguf", {}),  # F32
     ("sparsegpt", "unstructured", "int4", "hf", dict(group_size=16)),  # dequantised, asymmetric
 ]
+IDS = [f"{c[0]}-{c[1]}-{c[2]}-{c[3]}" for c in CASES]
 
 
-@pytest.mark.parametrize("method,pattern,quantize,fmt,extra", CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}" for c in CASES])
-def test_each_format_reloads_in_a_fresh_process_with_the_same_logits(tmp_path, method, pattern, quantize, fmt, extra):
-    record, model = _run(tmp_path, method, pattern, quantize, fmt, **extra)
+def _run(directory, method, pattern, quantize, fmt, **extra):
+    loaded = load_model("random:tiny-llama", dtype=torch.float32, seed=0)
+    spec = RunSpec(model="random:tiny-llama", method=method, pattern=pattern, quantize=quantize, format=fmt,
+                   calibration=Calibration(nsamples=4, seqlen=32), eval=Evaluation(ppl=(), samples=1),
+                   save_model=str(directory), progress=False, **extra)
+    record = run(spec, loaded=loaded)
+    return record, loaded.model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Every case run and saved, then all reloaded in one fresh process (one transformers import)."""
+    root = tmp_path_factory.mktemp("formats")
     ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model(ids).logits
-    got = _reloaded_logits(tmp_path, fmt, ids)
+    torch.save(ids, root / "ids.pt")
+    results, argv = {}, []
+    for case_id, (method, pattern, quantize, fmt, extra) in zip(IDS, CASES):
+        record, model = _run(root / case_id, method, pattern, quantize, fmt, **extra)
+        with torch.no_grad():
+            results[case_id] = (record, model, model(ids).logits)
+        argv += [str(root / case_id), fmt]
+    done = subprocess.run([sys.executable, "-c", LOAD, str(root / "ids.pt"), *argv], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, results
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=IDS)
+def test_each_format_reloads_in_a_fresh_process_with_the_same_logits(saved, case):
+    method, pattern, quantize, fmt, _extra = CASES[case]
+    root, results = saved
+    record, model, want = results[IDS[case]]
+    directory = root / IDS[case]
+    got = torch.load(str(directory) + ".logits.pt")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
     # result.json and the card say what was saved and how big it is
-    saved = record.saved_model
-    assert saved["format"] == fmt and saved["weights_bytes"] > 0 and saved["bytes"] >= saved["weights_bytes"]
-    card = json.loads((tmp_path / "saved" / "oneshot.json").read_text())
+    saved_model = record.saved_model
+    assert saved_model["format"] == fmt and saved_model["weights_bytes"] > 0
+    assert saved_model["bytes"] >= saved_model["weights_bytes"]
+    card = json.loads((directory / "oneshot.json").read_text())
     assert card["method"] == method and card["pattern"] == pattern
     if quantize:
         assert card["quantization"]["bits"] == int(quantize[3:]) and record.quantization["layers"] == 14
@@ -81,20 +92,20 @@ def test_each_format_reloads_in_a_fresh_process_with_the_same_logits(tmp_path, m
     if fmt == "gguf":
         import gguf
 
-        reader = gguf.GGUFReader(str(tmp_path / "saved" / "model.gguf"))
+        reader = gguf.GGUFReader(str(directory / "model.gguf"))
         kinds = {t.tensor_type.name for t in reader.tensors if ".attn_q." in t.name}
         assert kinds == {"F32" if quantize is None else f"Q{quantize[3:]}_0"}
         assert json.loads(reader.fields["oneshot.lineage"].contents())["method"] == method
 
 
-def test_smaller_on_disk_than_float32(tmp_path):
-    record, _ = _run(tmp_path, "sparsegpt", "2:4", "int4", "compressed-tensors", group_size=32, symmetric=True)
-    packed = record.saved_model["weights_bytes"]
-    block_numel = sum(p.numel() for b in decoder_blocks(load_model("random:tiny-llama").model) for p in b.parameters()
-                      if p.dim() == 2)
-    # the block weights alone would take 4 bytes each in float32; packed int4 takes ~0.5 + scales
-    total_fp32 = sum(p.numel() * 4 for p in load_model("random:tiny-llama").model.parameters())
-    assert packed < total_fp32 - block_numel * 3
+def test_packed_checkpoints_are_smaller(saved):
+    root, results = saved
+    model = results[IDS[0]][1]
+    total_fp32 = sum(p.numel() * 4 for p in model.parameters())
+    block_numel = sum(p.numel() for b in decoder_blocks(model) for p in b.parameters() if p.dim() == 2)
+    # int4 with a float32 scale per 32 weights: 0.5 + 0.125 bytes per block weight instead of 4
+    for case in (0, 2):
+        assert results[IDS[case]][0].saved_model["weights_bytes"] < total_fp32 - block_numel * 3
 
 
 @pytest.mark.parametrize("bits", [8, 4])
