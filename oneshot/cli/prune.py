@@ -167,6 +167,12 @@ def print_table(result: dict) -> None:
     if zeroshot is not None:
         header.append("mean acc")
         row.append("-" if zeroshot["mean_acc"] is None else f"{zeroshot['mean_acc']:.4f}")
+    if result.get("quantization"):
+        header.append("quantised")
+        row.append(f"int{result['quantization']['bits']} {result['quantization']['method']}")
+    if result.get("saved_model"):
+        header.append(f"{result['saved_model']['format']} MiB")
+        row.append(f"{result['saved_model']['weights_bytes'] / 2**20:.1f}")
     if result["timings"].get("prune_s"):
         header.append("prune s")
         row.append(f"{result['timings']['prune_s']:.1f}")
