@@ -152,3 +152,29 @@ def test_rtn_on_grid_and_zeros_stay_zero(group, symmetric, scale_dtype):
     for start in range(0, 72, size):
         assert all(len(set(row.tolist())) <= 16 for row in quantised[:, start:start + size])
     assert (quantised - weight.float()).abs().max() <= scale.max() * 0.5 + 1e-6 or not symmetric
+
+
+@pytest.mark.parametrize("method_name,how,sequential", [("wanda", "gptq", False), ("sparsegpt", "joint", True),
+                                                         ("magnitude", "rtn", False), ("admm", "gptq", True)])
+def test_quantising_methods_through_the_engine(method_name, how, sequential):
+    """Every layer of a tiny model ends on its grid with its pruned weights at zero, whichever stages run."""
+    from oneshot.engine import DEFAULT_STAGES, prune_model
+    from oneshot.engine.sequential import SEQUENTIAL_STAGES
+    from oneshot.methods import get_method
+    from oneshot.models import decoder_blocks, get_weight, load_model, prunable_layers
+    from oneshot.quantize import quantizing
+
+    model = load_model("random:tiny-llama", dtype=torch.float32).model
+    ids = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(0))
+    method = quantizing(get_method(method_name), Grid(4, 16, True), how)
+    options = {"iterations": 4, "phase_steps": 2} if method_name == "admm" else {}
+    report = prune_model(model, method, 0.5, parse_pattern("unstructured"), ids if method.statistic else None,
+                         options=options, progress=False, stages=SEQUENTIAL_STAGES if sequential else DEFAULT_STAGES)
+    layers = {f"{i}.{name}": layer for i, block in enumerate(decoder_blocks(model))
+              for name, layer in prunable_layers(block).items()}
+    assert set(report.quantized) == set(layers)
+    for name, layer in layers.items():
+        weight, params = get_weight(layer), report.quantized[name]
+        scale, zero = params.expanded(weight.shape[1])
+        assert torch.equal((params.codes(weight).float() - zero) * scale, weight), name
+        assert report.layer_sparsity[name] >= 0.5

@@ -31,6 +31,16 @@ def check_format(model, format: str, grid, name) -> None:
         if family not in GGUF_FAMILIES:
             raise ExportError(f"{flag} gguf writes the {', '.join(GGUF_FAMILIES)} architecture, and this model is "
                               f"{family}; save it with {flag} hf or compressed-tensors")
+        config = model.config.get_text_config()
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        unwritten = [what for what, present in (
+            ("attention biases", getattr(config, "attention_bias", False)),
+            ("MLP biases", getattr(config, "mlp_bias", False)),
+            (f"rope scaling {rope.get('rope_type')!r}", rope.get("rope_type", "default") != "default"),
+        ) if present]
+        if unwritten:
+            raise ExportError(f"{flag} gguf: this writer does not store {', '.join(unwritten)} of this {family} "
+                              f"model; save it with {flag} hf")
         _require("gguf", flag, "gguf")
         if grid is not None and not (grid.symmetric and grid.group_size == BLOCK):
             raise ExportError(f"{flag} gguf stores int{grid.bits} as Q{grid.bits}_0: symmetric blocks of {BLOCK} "
