@@ -190,8 +190,13 @@ def validate(spec: RunSpec, names: dict | None = None) -> Plan:
     if spec.kind == "eval" and not spec.eval.ppl and zeroshot is None:
         raise UsageError(f"nothing to evaluate: give {name('eval.ppl')} SOURCE and/or {name('eval.tasks')} SUITE|TASKS")
     if fields["grid"] is not None:
+        from dataclasses import replace
+
         from .quantize import quantizing
 
+        if spec.format == "compressed-tensors" and str(dtype) in ("torch.float16", "torch.bfloat16"):
+            # the checkpoint keeps scales in the model's dtype: quantise with exactly those
+            fields["grid"] = replace(fields["grid"], scale_dtype=dtype)
         method = quantizing(method, fields["grid"], fields["quant_method"])  # same interface: the engine is unchanged
     return Plan(spec, method, fields["method_options"], allocation, fields["allocation_options"], fields["pattern"],
                 fields["sparsity"], device, dtype, model_kind, list(spec.eval.ppl), zeroshot, fields["grid"],
@@ -315,7 +320,7 @@ def _check_quantize_fields(spec: RunSpec, method, pattern, name):
             raise UsageError(f"{name('format')} compressed-tensors stores quantised weights; add {name('quantize')} "
                              f"int8|int4, or save with {name('format')} hf")
         return None, None
-    if spec.quantize not in BITS:
+    if not isinstance(spec.quantize, str) or spec.quantize not in BITS:
         raise UsageError(f"{name('quantize')} {spec.quantize!r} is not supported; choose {' or '.join(BITS)}")
     _check_count(spec.group_size, name("group_size"))
     if spec.kind == "eval":
