@@ -21,18 +21,6 @@ import torch
 from ..models import decoder_blocks, get_weight, prunable_layers
 
 
-class _Unavailable(ImportError):
-    pass
-
-
-def require_library() -> None:
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
-        raise _Unavailable("--format compressed-tensors needs the compressed-tensors library: "
-                           "pip install 'oneshot[quant]'") from None
-
-
 def quantized_modules(model) -> dict[str, str]:
     """Prunable layer key ("3.self_attn.q_proj") -> the module's full name in the model."""
     names = {id(module): name for name, module in model.named_modules()}
