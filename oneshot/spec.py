@@ -28,7 +28,10 @@ FLAG_NAMES = {
     "eval.limit": "--eval-limit", "eval.batch_size": "--eval-batch-size", "device": "--device", "dtype": "--dtype",
     "batch_size": "--batch-size", "output": "--output", "save_model": "--save-model",
     "checkpoint_dir": "--checkpoint-dir", "resume": "--resume", "overwrite": "--overwrite",
+    "quantize": "--quantize", "group_size": "--group-size", "symmetric": "--symmetric",
+    "quant_method": "--quant-method", "format": "--format",
 }
+FORMATS = ("hf", "compressed-tensors", "gguf")
 YAML_NAMES = {key: key for key in FLAG_NAMES}
 
 
@@ -68,6 +71,11 @@ class RunSpec:
     batch_size: int | None = None
     output: str | None = None  # directory for result.json
     save_model: str | None = None  # directory for the pruned model and its card
+    format: str = "hf"  # how save_model is written: hf | compressed-tensors | gguf
+    quantize: str | None = None  # int8 | int4: quantise the (pruned) weights too
+    group_size: int | None = None  # inputs per quantisation group; None: one group per output row
+    symmetric: bool = False  # symmetric grid (zero point 0) instead of asymmetric
+    quant_method: str = "auto"  # auto (joint with sparsegpt, else gptq) | joint | gptq | rtn
     overwrite: bool = False
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -93,6 +101,14 @@ class RunSpec:
                 argv += ["--sequential"]
             for name, value in self.options.items():
                 argv += ["--option", f"{name}={value}"]
+            if self.quantize is not None:
+                argv += ["--quantize", str(self.quantize)]
+                if self.group_size is not None:
+                    argv += ["--group-size", str(self.group_size)]
+                if self.symmetric:
+                    argv += ["--symmetric"]
+                if self.quant_method != "auto":
+                    argv += ["--quant-method", str(self.quant_method)]
             calibration = self.calibration
             argv += ["--calibration", calibration.source]
             if calibration.nsamples is not None:
@@ -106,6 +122,8 @@ class RunSpec:
                             ("--checkpoint-dir", self.checkpoint_dir)):
             if value is not None:
                 argv += [flag, str(value)]
+        if self.format != "hf":
+            argv += ["--format", str(self.format)]
         if self.eval.tasks not in ("", "none"):
             argv += ["--eval-tasks", self.eval.tasks]
         argv += ["--device", self.device, "--dtype", self.dtype]
@@ -130,6 +148,8 @@ class Plan:
     model_kind: str
     eval_sources: list[str]
     zeroshot: object | None  # evaluate.zeroshot.PreparedTasks
+    grid: object | None = None  # quantize.Grid when the run quantises
+    quant_method: str | None = None  # joint | gptq | rtn, resolved
 
     @property
     def needs_calibration(self) -> bool:
@@ -164,11 +184,39 @@ def validate(spec: RunSpec, names: dict | None = None) -> Plan:
     dtype = resolve_dtype(spec.dtype, device, spec.model, model_kind)
     if fields["pattern"].is_structured:
         _check_structure(spec, fields, name)
+    if fields["grid"] is not None or spec.format != "hf":
+        _check_quantization(spec, fields, name)
     zeroshot = _prepare_zeroshot(spec, model_kind, name)  # last: it may take seconds
     if spec.kind == "eval" and not spec.eval.ppl and zeroshot is None:
         raise UsageError(f"nothing to evaluate: give {name('eval.ppl')} SOURCE and/or {name('eval.tasks')} SUITE|TASKS")
+    if fields["grid"] is not None:
+        from dataclasses import replace
+
+        from .quantize import quantizing
+
+        if spec.format == "compressed-tensors" and str(dtype) in ("torch.float16", "torch.bfloat16"):
+            # the checkpoint keeps scales in the model's dtype: quantise with exactly those
+            fields["grid"] = replace(fields["grid"], scale_dtype=dtype)
+        method = quantizing(method, fields["grid"], fields["quant_method"])  # same interface: the engine is unchanged
     return Plan(spec, method, fields["method_options"], allocation, fields["allocation_options"], fields["pattern"],
-                fields["sparsity"], device, dtype, model_kind, list(spec.eval.ppl), zeroshot)
+                fields["sparsity"], device, dtype, model_kind, list(spec.eval.ppl), zeroshot, fields["grid"],
+                fields["quant_method"])
+
+
+def _check_quantization(spec: RunSpec, fields: dict, name) -> None:
+    """Against the model's architecture (its config, no weights): the group size divides every
+    quantised layer's input width, and the save format can hold the family and the layers."""
+    from .export import ExportError, check_format
+    from .models import ModelError, model_skeleton
+    from .quantize import QuantizationError, check_group_size
+
+    try:
+        skeleton = model_skeleton(spec.model)
+        if fields["grid"] is not None:
+            check_group_size(skeleton, fields["grid"], name("group_size"))
+        check_format(skeleton, spec.format, fields["grid"], name)
+    except (ModelError, QuantizationError, ExportError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _check_structure(spec: RunSpec, fields: dict, name) -> None:
@@ -246,8 +294,51 @@ def validate_fields(spec: RunSpec, names: dict | None = None) -> dict:
         raise UsageError(f"{name('sequential')} must be true or false, not {spec.sequential!r}")
     if not isinstance(spec.calibration.source, str) or not spec.calibration.source.strip():
         raise UsageError(f"{name('calibration.source')} must be a source name")
+    grid, quant_method = _check_quantize_fields(spec, method, pattern, name)
     return dict(method=method, method_options=method_options, allocation=allocation,
-                allocation_options=allocation_options, pattern=pattern, sparsity=sparsity)
+                allocation_options=allocation_options, pattern=pattern, sparsity=sparsity, grid=grid,
+                quant_method=quant_method)
+
+
+def _check_quantize_fields(spec: RunSpec, method, pattern, name):
+    """--quantize and its companions, and --format: returns (quantize.Grid or None, resolved quant method)."""
+    from .quantize import BITS, QUANT_METHODS, Grid, resolve_quant_method
+
+    if spec.format not in FORMATS:
+        raise UsageError(f"unknown {name('format')} {spec.format!r}; choose {', '.join(FORMATS)}")
+    if spec.format != "hf" and not spec.save_model:
+        raise UsageError(f"{name('format')} {spec.format} says how to save the model: give {name('save_model')} DIR too")
+    if not isinstance(spec.symmetric, bool):
+        raise UsageError(f"{name('symmetric')} must be true or false, not {spec.symmetric!r}")
+    if spec.quant_method not in QUANT_METHODS:
+        raise UsageError(f"unknown {name('quant_method')} {spec.quant_method!r}; choose {', '.join(QUANT_METHODS)}")
+    if spec.quantize is None:
+        for key, unset in (("group_size", None), ("symmetric", False), ("quant_method", "auto")):
+            if getattr(spec, key) != unset:
+                raise UsageError(f"{name(key)} applies to quantisation; add {name('quantize')} int8|int4")
+        if spec.format == "compressed-tensors":
+            raise UsageError(f"{name('format')} compressed-tensors stores quantised weights; add {name('quantize')} "
+                             f"int8|int4, or save with {name('format')} hf")
+        return None, None
+    if not isinstance(spec.quantize, str) or spec.quantize not in BITS:
+        raise UsageError(f"{name('quantize')} {spec.quantize!r} is not supported; choose {' or '.join(BITS)}")
+    _check_count(spec.group_size, name("group_size"))
+    if spec.kind == "eval":
+        raise UsageError(f"an eval run measures the model as it is; leave out {name('quantize')}")
+    if pattern.is_structured:
+        raise UsageError(f"{name('quantize')} is not available with a structured {name('pattern')} yet; save the "
+                         f"structured model and quantise it in a second run")
+    how = resolve_quant_method(method.name, spec.quant_method)
+    if how == "joint" and method.name != "sparsegpt":
+        raise UsageError(f"{name('quant_method')} joint is SparseGPT's sweep; use gptq or rtn with {method.name}")
+    if spec.checkpoint_dir:
+        raise UsageError(f"{name('checkpoint_dir')} cannot keep quantisation parameters yet; leave it out with "
+                         f"{name('quantize')}")
+    if spec.format == "gguf":  # Q8_0 and Q4_0 blocks store their scale as float16: use exactly those scales
+        import torch
+
+        return Grid(BITS[spec.quantize], spec.group_size, spec.symmetric, torch.float16), how
+    return Grid(BITS[spec.quantize], spec.group_size, spec.symmetric), how
 
 
 def _split_options(method, allocation, given: dict, flag: str) -> tuple[dict, dict]:
@@ -370,7 +461,8 @@ def resolve_dtype(text: str, device: str, model: str, model_kind: str):
 # ---- a RunSpec from a mapping (YAML) ---------------------------------------------------------------
 
 RUN_KEYS = ("model", "method", "options", "sparsity", "pattern", "allocation", "sequential", "calibration", "eval", "seed", "device",
-            "dtype", "batch_size", "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline")
+            "dtype", "batch_size", "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline", "quantize",
+            "group_size", "symmetric", "quant_method", "format")
 CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
 EVAL_KEYS = ("ppl", "samples", "tasks", "limit", "batch_size")
 
@@ -382,7 +474,8 @@ def spec_from_mapping(data: dict, where: str, base: RunSpec | None = None, relat
     check_keys(data, RUN_KEYS, "", where)
     changes = {}
     for key in ("model", "method", "sparsity", "pattern", "allocation", "sequential", "seed", "device", "dtype", "batch_size",
-                "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline"):
+                "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline", "quantize", "group_size",
+                "symmetric", "quant_method", "format"):
         if key in data and data[key] is not None:
             changes[key] = data[key]
     for key in ("output", "save_model", "checkpoint_dir"):

@@ -16,7 +16,8 @@ _FIELDS = {
     "seed": "seed", "eval_ppl": "eval.ppl", "eval_samples": "eval.samples", "eval_tasks": "eval.tasks",
     "eval_limit": "eval.limit", "eval_batch_size": "eval.batch_size", "device": "device", "dtype": "dtype",
     "batch_size": "batch_size", "output": "output", "save_model": "save_model", "overwrite": "overwrite",
-    "checkpoint_dir": "checkpoint_dir", "resume": "resume", "offline": "offline",
+    "checkpoint_dir": "checkpoint_dir", "resume": "resume", "offline": "offline", "quantize": "quantize",
+    "group_size": "group_size", "symmetric": "symmetric", "quant_method": "quant_method", "format": "format",
 }
 
 
@@ -65,7 +66,16 @@ def add_prune_parser(commands) -> None:
     p.add_argument("--batch-size", type=int,
                    help="sequences per block forward (default: about 16k tokens per batch on CUDA, 4k on CPU)")
     _common_arguments(p)
-    p.add_argument("--save-model", help="directory for the pruned model (safetensors) and its card")
+    p.add_argument("--quantize", help="also quantise the pruned weights: int8 | int4 (default: no)")
+    p.add_argument("--group-size", type=int, help="inputs per quantisation group (default: one group per output row)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric grid (zero point 0); default asymmetric")
+    p.add_argument("--quant-method", help="auto (default: joint with sparsegpt, gptq otherwise) | joint (quantise "
+                                          "inside SparseGPT's sweep) | gptq (after pruning, with the layer's Hessian) | "
+                                          "rtn (round to nearest)")
+    p.add_argument("--save-model", help="directory for the pruned model and its card")
+    p.add_argument("--format", help="how --save-model writes it: hf (default; safetensors in the model's dtype) | "
+                                    "compressed-tensors (packed int8/int4, needs --quantize) | gguf (one .gguf "
+                                    "file; Q8_0/Q4_0 when quantised)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of existing output directories")
     p.add_argument("--checkpoint-dir", help="save each finished block here, so that a killed run can continue "
                                             "with --resume")
@@ -158,6 +168,12 @@ def print_table(result: dict) -> None:
     if zeroshot is not None:
         header.append("mean acc")
         row.append("-" if zeroshot["mean_acc"] is None else f"{zeroshot['mean_acc']:.4f}")
+    if result.get("quantization"):
+        header.append("quantised")
+        row.append(f"int{result['quantization']['bits']} {result['quantization']['method']}")
+    if result.get("saved_model"):
+        header.append(f"{result['saved_model']['format']} MiB")
+        row.append(f"{result['saved_model']['weights_bytes'] / 2**20:.1f}")
     if result["timings"].get("prune_s"):
         header.append("prune s")
         row.append(f"{result['timings']['prune_s']:.1f}")

@@ -14,12 +14,14 @@ class PruneReport:
     zeros: int = 0
     numel: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    quantized: dict = field(default_factory=dict)  # "block.layer" -> grid parameters, for export
 
     @property
     def sparsity(self) -> float:
         return self.zeros / self.numel if self.numel else 0.0
 
-    def record(self, name: str, weight: torch.Tensor, info: dict | None = None, target: float | None = None) -> None:
+    def record(self, name: str, weight: torch.Tensor, info: dict | None = None, target: float | None = None,
+               quantized=None) -> None:
         zeros = int((weight == 0).sum())
         self.zeros += zeros
         self.numel += weight.numel()
@@ -28,3 +30,5 @@ class PruneReport:
             self.layer_target[name] = target
         if info:
             self.layer_info[name] = info
+        if quantized is not None:
+            self.quantized[name] = quantized

@@ -125,7 +125,8 @@ def prune_layers(visit: BlockVisit, names: Sequence[str] | None = None) -> None:
         layer, stat = visit.layers[name], visit.stats.get(name)
         target = visit.targets[name]
         if stat is not None and getattr(stat, "tokens", None) == 0:
-            result = magnitude_prune(get_weight(layer), target, visit.pattern)
+            fallback = method.without_data or magnitude_prune
+            result = fallback(get_weight(layer), target, visit.pattern)
             result = result._replace(info=dict(NO_TOKENS_NOTE))
         else:
             if stat is not None and id(stat) not in prepared:
@@ -133,7 +134,7 @@ def prune_layers(visit: BlockVisit, names: Sequence[str] | None = None) -> None:
                 prepared[id(stat)] = method.prepare(value, **options) if method.prepare else value
             result = method.prune(get_weight(layer), prepared.get(id(stat)), target, visit.pattern, **options)
         set_weight(layer, result.weight)
-        visit.report.record(f"{visit.index}.{name}", result.weight, result.info, target)
+        visit.report.record(f"{visit.index}.{name}", result.weight, result.info, target, result.quantized)
     for name in names:
         visit.stats.pop(name, None)
 

@@ -1,4 +1,89 @@
-"""Writing pruned models: the Hugging Face checkpoint with its lineage card (hf.py)."""
+"""Writing pruned models: the Hugging Face checkpoint with its lineage card (hf.py), and for quantised
+models the compressed-tensors checkpoint (compressed_tensors.py) or one GGUF file (gguf.py).
+`check_format` says before any work whether a model and a grid can be written in a format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
 from .hf import directory_bytes, lineage_card, save_model
 
-__all__ = ["save_model", "lineage_card", "directory_bytes"]
+FORMATS = ("hf", "compressed-tensors", "gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
+
+
+class ExportError(ValueError):
+    """A model or grid that the chosen format cannot hold; the message says what to change."""
+
+
+def check_format(model, format: str, grid, name) -> None:
+    """Against the model's architecture (a skeleton will do) and the run's grid (None: not quantised)."""
+    from ..models import decoder_blocks, prunable_layers
+
+    flag = name("format")
+    if format == "hf":
+        return
+    if format == "gguf":
+        from .gguf import BLOCK, GGUF_FAMILIES
+
+        family = getattr(model.config, "model_type", type(model).__name__)
+        if family not in GGUF_FAMILIES:
+            raise ExportError(f"{flag} gguf writes the {', '.join(GGUF_FAMILIES)} architecture, and this model is "
+                              f"{family}; save it with {flag} hf or compressed-tensors")
+        config = model.config.get_text_config()
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        unwritten = [what for what, present in (
+            ("attention biases", getattr(config, "attention_bias", False)),
+            ("MLP biases", getattr(config, "mlp_bias", False)),
+            (f"rope scaling {rope.get('rope_type')!r}", rope.get("rope_type", "default") != "default"),
+        ) if present]
+        if unwritten:
+            raise ExportError(f"{flag} gguf: this writer does not store {', '.join(unwritten)} of this {family} "
+                              f"model; save it with {flag} hf")
+        _require("gguf", flag, "gguf")
+        if grid is not None and not (grid.symmetric and grid.group_size == BLOCK):
+            raise ExportError(f"{flag} gguf stores int{grid.bits} as Q{grid.bits}_0: symmetric blocks of {BLOCK} "
+                              f"weights; add {name('symmetric')} {name('group_size')} {BLOCK}")
+        return
+    _require("compressed_tensors", flag, "compressed-tensors")
+    if not grid.symmetric:
+        # compressed-tensors 0.20 packs asymmetric zero points on save, but transformers' loader expects them
+        # unpacked, so such a checkpoint does not load; symmetric grids load exactly.
+        raise ExportError(f"{flag} compressed-tensors: transformers cannot load asymmetric pack-quantized "
+                          f"checkpoints (compressed-tensors 0.20); add {name('symmetric')}")
+    for block in decoder_blocks(model):
+        for layer_name, layer in prunable_layers(block).items():
+            if type(layer) is not nn.Linear:
+                raise ExportError(f"{flag} compressed-tensors packs nn.Linear layers; {layer_name} is a "
+                                  f"{type(layer).__name__} (fused experts or Conv1D); save with {flag} hf")
+
+
+def _require(module: str, flag: str, package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ExportError(f"{flag} needs the {package} package: pip install 'oneshot[quant]'")
+
+
+def save_in_format(model, tokenizer, record: dict, directory: str | Path, format: str = "hf",
+                   quantized: dict | None = None, source_gguf: str | None = None) -> dict:
+    """Save in `format`; returns {"format", "bytes" (the whole directory), "weights_bytes"}."""
+    quantized = quantized or {}
+    write = None
+    if format == "compressed-tensors":
+        from .compressed_tensors import save_compressed_tensors
+
+        def write(tmp, _lineage):
+            save_compressed_tensors(model, quantized, record, tmp)
+    elif format == "gguf":
+        from .gguf import save_gguf
+
+        def write(tmp, lineage):
+            save_gguf(model, tokenizer, quantized, lineage, tmp, source_gguf)
+    save_model(model, tokenizer, record, directory, write)
+    weights = sum(p.stat().st_size for p in Path(directory).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    return {"format": format, "bytes": directory_bytes(directory), "weights_bytes": weights}
+
+
+__all__ = ["save_model", "save_in_format", "lineage_card", "directory_bytes", "check_format", "ExportError", "FORMATS"]

@@ -16,25 +16,35 @@ from ..paths import share_like_save_pretrained
 
 LINEAGE_KEYS = ("model", "model_source", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
                 "seed", "ppl", "versions", "options", "allocation", "sparsity_block_weights", "sparsity_model",
-                "structure")
+                "structure", "quantization")
 
 
-def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
+def lineage_of(record: dict) -> dict:
+    lineage = {key: record[key] for key in LINEAGE_KEYS if key in record}
+    if record.get("zeroshot"):
+        lineage["zeroshot"] = {key: record["zeroshot"][key] for key in ("suite", "limit", "mean_acc", "tasks")}
+    return lineage
+
+
+def save_model(model, tokenizer, record: dict, directory: str | Path, write_weights=None) -> None:
+    """Write the model, its tokenizer and its lineage card into `directory`, atomically.
+    `write_weights(tmp, lineage)` writes the weights and config (default: save_pretrained)."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         from transformers.utils import logging as hf_logging
 
+        lineage = lineage_of(record)
         hf_logging.disable_progress_bar()
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if write_weights is None:
+                model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                write_weights(tmp, lineage)
         finally:
             hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
-        lineage = {key: record[key] for key in LINEAGE_KEYS if key in record}
-        if record.get("zeroshot"):
-            lineage["zeroshot"] = {key: record["zeroshot"][key] for key in ("suite", "limit", "mean_acc", "tasks")}
         (tmp / "oneshot.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (tmp / "README.md").write_text(lineage_card(lineage))
         share_like_save_pretrained(tmp)  # mkdtemp made it 0700: give it the user's usual permissions
@@ -77,6 +87,10 @@ def lineage_card(lineage: dict) -> str:
                      + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in structure["config"].items()))
     else:
         lines.append(f"- measured sparsity of the pruned layers: {lineage['sparsity_measured']:.4f}")
+    quantization = lineage.get("quantization")
+    if quantization:
+        lines.append(f"- quantised: {quantization['grid']} by {quantization['method']}, saved as "
+                     f"{quantization.get('format', 'hf')}")
     if lineage.get("sparsity_block_weights") is not None:
         lines.append(f"- sparsity of all decoder-block weights: {lineage['sparsity_block_weights']:.4f}, of the whole "
                      f"model: {lineage['sparsity_model']:.4f}")

@@ -27,6 +27,9 @@ class Method:
     # Work done once per statistic, shared by every layer reading the same input: (value, **options).
     prepare: Optional[Callable] = None
     options: tuple[Option, ...] = ()
+    # What a layer no calibration token reached gets: (weight, sparsity, pattern) -> PruneResult.
+    # None: magnitude pruning (engine/stages.py, NO_TOKENS_NOTE).
+    without_data: Optional[Callable] = None
 
     def check_options(self, given: dict | None) -> dict:
         """The given options, typed; OptionError (one line naming the allowed ones) for anything else."""

@@ -15,11 +15,13 @@ import torch
 
 
 class PruneResult(NamedTuple):
-    """What every method returns: the new weight (same dtype), the pruned positions, and notes."""
+    """What every method returns: the new weight (same dtype), the pruned positions, and notes; a
+    quantising method adds its grid parameters (quantize.QuantizedWeight) for export."""
 
     weight: torch.Tensor
     mask: torch.Tensor
     info: dict = {}
+    quantized: object = None
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

@@ -7,6 +7,10 @@ error is applied to the columns after it in one matrix product (the lazy batch u
 
 We hold W transposed ([cols, rows]) so that a column, and the rest of a block, are contiguous in
 memory: the per-column update is then one dense rank-1 update.
+
+The same sweep quantises (oneshot.quantize): a `quantize_column` hook moves each column, once masked,
+onto a quantisation grid, and the error of both is propagated (the paper's joint mode); with a
+`fixed_mask` and sparsity 0 it is GPTQ on weights already pruned.
 """
 from __future__ import annotations
 
@@ -95,30 +99,44 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     kernel: str = "auto",
     max_percdamp: float = 10.0,
+    quantize_column=None,
+    fixed_mask: torch.Tensor | None = None,
 ) -> PruneResult:
     """Prune and reconstruct one weight [outputs, inputs]; the new weight keeps its dtype.
 
     kernel: "torch" runs the column loop in PyTorch; "auto" uses the fused Triton block on CUDA when
     it is available and has passed its first-use self-check, else the PyTorch loop.
+    quantize_column: None, or a hook with `start(Wt, blocksize, m)` (called once with the transposed
+    weight; returns the blocksize to use) and `(j, rest, mask_rest) -> q`, which returns column j
+    (rest[0], already updated) masked and quantised; rest and mask_rest are the block from column j on.
+    fixed_mask: bool [outputs, inputs]: prune exactly these weights (no selection; sparsity unused).
     """
     inverse = hessian if isinstance(hessian, InverseHessian) else prepare_hessian(hessian, percdamp, max_percdamp)
     U = inverse.upper
     compute = compute_dtype(weight.dtype, U.dtype)
     U = U.to(compute)
-    Wt = weight.detach().to(compute).t().contiguous()  # [cols, rows]
+    # a copy even when weight is already a transposed [cols, rows] view (a previous result): never write into it
+    Wt = weight.detach().to(compute).t().clone(memory_format=torch.contiguous_format)  # [cols, rows]
     cols, rows = Wt.shape
     if pattern.is_nm:
         pattern.check_width(cols)
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)  # N:M groups never straddle blocks
     Wt[inverse.dead] = 0
+    if quantize_column is not None:
+        blocksize = quantize_column.start(Wt, blocksize, pattern.m)  # no quantisation group straddles two blocks
+    fixed_t = None if fixed_mask is None else fixed_mask.t().to(Wt.device)
     mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=Wt.device)
-    fused = kernel == "auto" and Wt.is_cuda and compute == torch.float32
+    fused = kernel == "auto" and Wt.is_cuda and compute == torch.float32 and quantize_column is None and fixed_t is None
     obs_block = _fused_block() if fused else _obs_block_torch
 
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
         U1 = U[b0:b1, b0:b1]
-        Q1, Err1, mask1 = obs_block(Wt[b0:b1].clone(), U1, torch.diag(U1), sparsity, pattern.n, pattern.m)
+        extra = {}
+        if quantize_column is not None or fixed_t is not None:
+            extra = {"offset": b0, "quantize_column": quantize_column,
+                     "fixed": None if fixed_t is None else fixed_t[b0:b1]}
+        Q1, Err1, mask1 = obs_block(Wt[b0:b1].clone(), U1, torch.diag(U1), sparsity, pattern.n, pattern.m, **extra)
         Wt[b0:b1] = Q1
         Wt[b1:] -= U[b0:b1, b1:].t() @ Err1  # the lazy batch update
         mask_t[b0:b1] = mask1
@@ -131,12 +149,17 @@ def sparsegpt_prune(
     return PruneResult(Wt.t().to(weight.dtype), mask_t.t(), info)
 
 
-def _obs_block_torch(W1: torch.Tensor, U1: torch.Tensor, d: torch.Tensor, sparsity: float, n: int, m: int):
-    """The OBS column loop over one block W1 [width, rows]: returns (Q1, Err1, mask1)."""
+def _obs_block_torch(W1: torch.Tensor, U1: torch.Tensor, d: torch.Tensor, sparsity: float, n: int, m: int,
+                     offset: int = 0, quantize_column=None, fixed: torch.Tensor | None = None):
+    """The OBS column loop over one block W1 [width, rows]: returns (Q1, Err1, mask1). The block starts
+    at column `offset`; `fixed` is its mask when given; `quantize_column` (see sparsegpt_prune) turns
+    each masked column into its quantised values."""
     Q1 = torch.zeros_like(W1)
     Err1 = torch.zeros_like(W1)
     d = d.reshape(-1, 1)
-    if m:
+    if fixed is not None:
+        mask1, m = fixed, 0
+    elif m:
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
     else:
         mask1 = threshold_mask(W1 ** 2 / d ** 2, sparsity)
@@ -147,7 +170,10 @@ def _obs_block_torch(W1: torch.Tensor, U1: torch.Tensor, d: torch.Tensor, sparsi
             lowest = torch.topk(scores, n, dim=0, largest=False).indices
             mask1.scatter_(0, i + lowest, True)
         w = W1[i]
-        q = w.masked_fill(mask1[i], 0)  # no boolean indexing: no host sync per column
+        if quantize_column is None:
+            q = w.masked_fill(mask1[i], 0)  # no boolean indexing: no host sync per column
+        else:
+            q = quantize_column(offset + i, W1[i:], mask1[i:])
         err = (w - q) / d[i]
         W1[i:].addr_(U1[i, i:], err, alpha=-1)
         Q1[i] = q

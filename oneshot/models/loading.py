@@ -311,13 +311,21 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         source = str(path)
     else:
         where, extra, source = spec, {}, spec
-    byte_tokens = kind == "local" and (Path(spec).expanduser() / BYTE_TOKENIZER_FILE).is_file()
+    home = Path(where).expanduser()
+    byte_tokens = kind in ("local", "gguf") and (home / BYTE_TOKENIZER_FILE).is_file()
+    if kind == "local" and _compressed_tensors(home):
+        # A compressed-tensors checkpoint (oneshot --format compressed-tensors): unpack it to plain weights
+        # at load time, so the model is a standard one to measure, prune or save.
+        from transformers import CompressedTensorsConfig
+
+        extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # loading draws bars of its own; ours per block are enough
     gguf_bar = _quiet_gguf_bar()
     try:
-        tokenizer = ByteTokenizer() if byte_tokens else _load_tokenizer(AutoTokenizer, where, spec, extra)
+        tokenizer = ByteTokenizer() if byte_tokens else _load_tokenizer(AutoTokenizer, where, spec,
+                                                                          {k: v for k, v in extra.items() if k == "gguf_file"})
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     except ModelError:
         raise
@@ -327,15 +335,23 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
         gguf_bar()
-    if "gguf_file" in extra:
-        # The GGUF weights are dequantised to plain tensors; forget the quantiser, or save_pretrained
-        # refuses ("quantized with gguf and is not serializable").
+    if extra:
+        # GGUF and compressed-tensors weights are dequantised to plain tensors; forget the quantiser, or
+        # save_pretrained refuses ("quantized with gguf and is not serializable") or re-packs them.
         model.hf_quantizer = None
         if getattr(model.config, "quantization_config", None):
             del model.config.quantization_config
     model.config.use_cache = False
     _experts_for_dtype(model, dtype)
     return LoadedModel(model.eval(), tokenizer, spec, source)
+
+
+def _compressed_tensors(directory: Path) -> bool:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
 
 
 def _load_tokenizer(auto, where, spec, extra):
