@@ -165,7 +165,7 @@ class RayExecutor:
 
     parallel = True
 
-    def __init__(self, options: ExecutorOptions, keep_models: bool, verbose: bool, work: Work = run_in_worker):
+    def __init__(self, options: ExecutorOptions, keep_models: bool, verbose: bool, work: Work | None = None):
         import ray
 
         self.ray, self.keep, self.verbose = ray, keep_models, verbose
@@ -182,7 +182,7 @@ class RayExecutor:
         resources = {"num_cpus": 1 if options.cpus_per_run is None else options.cpus_per_run,
                      "num_gpus": options.gpus_per_run or 0}
         # Ray's own retries are off: a dead worker comes back here, is reported, and the driver retries.
-        self.task = ray.remote(max_retries=0, **resources)(work)
+        self.task = ray.remote(max_retries=0, **resources)(work or run_in_worker)
 
     def run(self, specs: list[RunSpec], started: Callable[[RunSpec], None]) -> Iterator[Outcome]:
         ray = self.ray
@@ -210,10 +210,10 @@ class SlurmExecutor:
     poll_s = 2.0
 
     def __init__(self, options: ExecutorOptions, keep_models: bool, verbose: bool, folder: Path,
-                 work: Work = run_in_worker):
+                 work: Work | None = None):
         import submitit
 
-        self.submitit, self.keep, self.verbose, self.work = submitit, keep_models, verbose, work
+        self.submitit, self.keep, self.verbose, self.work = submitit, keep_models, verbose, work or run_in_worker
         self.executor = submitit.AutoExecutor(folder=str(options.folder or folder), cluster="slurm")
         root = str(Path(__file__).resolve().parents[2])
         parameters = dict(timeout_min=options.timeout_min, name="oneshot-sweep",
