@@ -28,6 +28,7 @@ FLAG_NAMES = {
     "eval.limit": "--eval-limit", "eval.batch_size": "--eval-batch-size", "device": "--device", "dtype": "--dtype",
     "batch_size": "--batch-size", "output": "--output", "save_model": "--save-model",
     "checkpoint_dir": "--checkpoint-dir", "resume": "--resume", "overwrite": "--overwrite",
+    "weights_on_disk": "--weights-on-disk",
 }
 YAML_NAMES = {key: key for key in FLAG_NAMES}
 
@@ -72,6 +73,10 @@ class RunSpec:
     checkpoint_dir: str | None = None
     resume: bool = False
     offline: bool = False
+    # Decoder blocks read from disk (or drawn, for random: presets) as the engine reaches them and written
+    # back shard by shard: models larger than host memory. None: when the weights would take more than
+    # half the available host memory.
+    weights_on_disk: bool | None = None
     progress: bool = True
     kind: str = "prune"
 
@@ -110,7 +115,7 @@ class RunSpec:
             argv += ["--eval-tasks", self.eval.tasks]
         argv += ["--device", self.device, "--dtype", self.dtype]
         argv += [flag for flag, on in (("--resume", self.resume), ("--overwrite", self.overwrite),
-                                       ("--offline", self.offline)) if on]
+                                       ("--offline", self.offline), ("--weights-on-disk", self.weights_on_disk)) if on]
         return ["oneshot", *argv]
 
 
@@ -156,12 +161,21 @@ def validate(spec: RunSpec, names: dict | None = None) -> Plan:
     except SourceError as exc:
         raise UsageError(str(exc)) from None
     _check_outputs(spec, name)
+    _check_weights_on_disk(spec, fields, name)
     device = resolve_device(spec.device, name("device"))
     try:
         model_kind = check_model_spec(spec.model)
     except ModelError as exc:
         raise UsageError(str(exc)) from None
     dtype = resolve_dtype(spec.dtype, device, spec.model, model_kind)
+    if spec.weights_on_disk not in (None, True, False):
+        raise UsageError(f"{name('weights_on_disk')} must be true or false, not {spec.weights_on_disk!r}")
+    if spec.weights_on_disk:
+        from .models import can_stay_on_disk
+
+        if not can_stay_on_disk(spec.model):
+            raise UsageError(f"{name('weights_on_disk')}: {spec.model} is not a local safetensors checkpoint or a "
+                             "random:<preset>; only those can keep their weights on disk")
     if fields["pattern"].is_structured:
         _check_structure(spec, fields, name)
     zeroshot = _prepare_zeroshot(spec, model_kind, name)  # last: it may take seconds
@@ -169,6 +183,28 @@ def validate(spec: RunSpec, names: dict | None = None) -> Plan:
         raise UsageError(f"nothing to evaluate: give {name('eval.ppl')} SOURCE and/or {name('eval.tasks')} SUITE|TASKS")
     return Plan(spec, method, fields["method_options"], allocation, fields["allocation_options"], fields["pattern"],
                 fields["sparsity"], device, dtype, model_kind, list(spec.eval.ppl), zeroshot)
+
+
+def _check_weights_on_disk(spec: RunSpec, fields: dict, name) -> None:
+    """What a model whose blocks stay on disk cannot do (it is never whole in memory), refused up front
+    when asked for; when it is decided by size, api.run refuses the same before reading any weight."""
+    if spec.weights_on_disk:
+        problem = weights_on_disk_conflict(spec, fields["pattern"], name)
+        if problem:
+            raise UsageError(problem)
+
+
+def weights_on_disk_conflict(spec: RunSpec, pattern, name=lambda key: FLAG_NAMES[key]) -> str | None:
+    why = None
+    if pattern.is_structured:
+        why = f"a structured {name('pattern')} (it rewrites the model whole)"
+    elif spec.eval.tasks not in ("", "none"):
+        why = f"{name('eval.tasks')} (lm-eval needs the whole model in memory)"
+    elif spec.checkpoint_dir:
+        why = name("checkpoint_dir") + " (the kept blocks are already on disk)"
+    if why is None:
+        return None
+    return f"{name('weights_on_disk')} (a model larger than host memory) cannot be used with {why}; leave one out"
 
 
 def _check_structure(spec: RunSpec, fields: dict, name) -> None:
@@ -370,7 +406,8 @@ def resolve_dtype(text: str, device: str, model: str, model_kind: str):
 # ---- a RunSpec from a mapping (YAML) ---------------------------------------------------------------
 
 RUN_KEYS = ("model", "method", "options", "sparsity", "pattern", "allocation", "sequential", "calibration", "eval", "seed", "device",
-            "dtype", "batch_size", "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline")
+            "dtype", "batch_size", "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline",
+            "weights_on_disk")
 CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
 EVAL_KEYS = ("ppl", "samples", "tasks", "limit", "batch_size")
 
@@ -382,7 +419,7 @@ def spec_from_mapping(data: dict, where: str, base: RunSpec | None = None, relat
     check_keys(data, RUN_KEYS, "", where)
     changes = {}
     for key in ("model", "method", "sparsity", "pattern", "allocation", "sequential", "seed", "device", "dtype", "batch_size",
-                "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline"):
+                "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline", "weights_on_disk"):
         if key in data and data[key] is not None:
             changes[key] = data[key]
     for key in ("output", "save_model", "checkpoint_dir"):

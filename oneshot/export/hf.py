@@ -26,9 +26,15 @@ def save_model(model, tokenizer, record: dict, directory: str | Path) -> None:
     try:
         from transformers.utils import logging as hf_logging
 
+        from ..models import block_weights
+
+        on_disk = block_weights(model)
         hf_logging.disable_progress_bar()
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if on_disk is not None:  # blocks on disk: written (or renamed into place) shard by shard
+                on_disk.save(tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
         finally:
             hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)

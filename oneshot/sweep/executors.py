@@ -120,15 +120,15 @@ def run_in_worker(spec: RunSpec, keep_models: bool = True, verbose: bool = False
     seconds). Nothing is written here: the record travels back to the driver."""
     import logging
 
-    from . import runner
+    from .work import Models, run_spec
 
     global _WORKER_MODELS
     if _WORKER_MODELS is None or _WORKER_MODELS.keep != keep_models:
-        _WORKER_MODELS = runner._Models(keep=keep_models)
+        _WORKER_MODELS = Models(keep=keep_models)
     if not verbose:
         logging.getLogger("oneshot").setLevel(logging.WARNING)
     began = time.perf_counter()
-    record, problem, retryable = runner.run_one(spec.replace(progress=False), _WORKER_MODELS)
+    record, problem, retryable = run_spec(spec.replace(progress=False), _WORKER_MODELS)
     return record, problem, retryable, time.perf_counter() - began
 
 
@@ -142,18 +142,17 @@ class LocalExecutor:
 
     parallel = False
 
-    def __init__(self, options: ExecutorOptions, keep_models: bool, verbose: bool):
-        from . import runner
+    def __init__(self, options: ExecutorOptions, keep_models: bool, verbose: bool, run_one: Work | None = None):
+        from .work import Models, run_spec
 
-        self.models, self.verbose = runner._Models(keep=keep_models), verbose
+        self.models, self.verbose = Models(keep=keep_models), verbose
+        self.run_one = run_one or run_spec
 
     def run(self, specs: list[RunSpec], started: Callable[[RunSpec], None]) -> Iterator[Outcome]:
-        from . import runner
-
         for spec in specs:
             started(spec)
             began = time.perf_counter()
-            record, problem, retryable = runner.run_one(spec.replace(progress=self.verbose), self.models)
+            record, problem, retryable = self.run_one(spec.replace(progress=self.verbose), self.models)
             yield Outcome(spec, record, problem, retryable, time.perf_counter() - began)
 
     def close(self) -> None:
@@ -263,9 +262,10 @@ def _worker_failure(exc: BaseException, where: str = "the worker") -> str:
     return f"{where} failed or died ({type(exc).__name__}{': ' + first[:200] if first else ''})"
 
 
-def make_executor(options: ExecutorOptions, keep_models: bool, verbose: bool, results: Path):
+def make_executor(options: ExecutorOptions, keep_models: bool, verbose: bool, results: Path, run_one: Work | None = None):
+    """`run_one(spec, models)` is what the local loop calls (the runner passes its own, which tests patch)."""
     if options.name == "ray":
         return RayExecutor(options, keep_models, verbose)
     if options.name == "slurm":
         return SlurmExecutor(options, keep_models, verbose, folder=results.parent / "slurm")
-    return LocalExecutor(options, keep_models, verbose)
+    return LocalExecutor(options, keep_models, verbose, run_one)

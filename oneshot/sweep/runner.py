@@ -12,18 +12,18 @@ resumable.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 import time
 from pathlib import Path
 
 from ..api import run
-from ..errors import RunError, Terminated, UsageError
+from ..errors import Terminated, UsageError
 from ..spec import validate
 from .config import SWEEP_NAMES, SweepConfig, check_runs, label, run_key
 from .executors import ExecutorOptions, make_executor
 from .executors import check as check_executor
+from .work import Models, run_spec
 from .store import append_record, read_results
 
 
@@ -47,39 +47,9 @@ def _summary(record: dict) -> str:
     return ", ".join(parts) or "no metrics"
 
 
-class _Models:
-    """One loaded copy per (model, dtype, seed); each run gets its own deep copy."""
-
-    def __init__(self, keep: bool):
-        self.keep, self.kept = keep, {}
-
-    def get(self, spec):
-        if not self.keep:
-            return None
-        from ..models import check_model_spec, load_model
-        from ..spec import resolve_device, resolve_dtype
-
-        dtype = resolve_dtype(spec.dtype, resolve_device(spec.device), spec.model, check_model_spec(spec.model))
-        key = (spec.model, dtype, spec.seed)
-        if key not in self.kept:
-            self.kept[key] = load_model(spec.model, dtype=dtype, seed=spec.seed)
-        loaded = self.kept[key]
-        return type(loaded)(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
-
-
-def run_one(spec, models: _Models):
-    """(record dict or None, one-line failure, whether a retry could succeed)."""
-    try:
-        record = run(spec, loaded=models.get(spec), names=SWEEP_NAMES)
-    except UsageError as exc:
-        return None, str(exc), False
-    except RunError as exc:
-        return None, str(exc), True
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one failed run must not end the sweep
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "), True
-    return record.to_dict(), "", True
+def run_one(spec, models: Models):
+    """(record dict or None, one-line failure, whether a retry could succeed), through this module's `run`."""
+    return run_spec(spec, models, run)
 
 
 def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = False, verbose: bool = False,
@@ -131,7 +101,7 @@ def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = 
     number = {run_key(spec): i for i, spec in enumerate(todo, 1)}
     workers = None
     try:
-        workers = make_executor(executor, keep_models=not reload, verbose=verbose, results=results)
+        workers = make_executor(executor, keep_models=not reload, verbose=verbose, results=results, run_one=run_one)
         if workers.parallel:
             say(f"running on {executor.name}; each line appears as its run finishes")
         pending = todo
