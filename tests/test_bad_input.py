@@ -74,6 +74,10 @@ def _setup(tmp: Path) -> None:
 CASES = [
     # prune: values
     (["prune", *TINY, "--sparsity", "1"], "outside [0, 1)"),
+    (["prune", *TINY, "--weights-on-disk", "--eval-tasks", "offline"], "lm-eval needs the whole model"),
+    (["prune", *TINY, "--weights-on-disk", "--checkpoint-dir", "{tmp}/new_ckpt"], "cannot be used with --checkpoint-dir"),
+    (["prune", *TINY, "--weights-on-disk", "--method", "magnitude", "--pattern", "layers", "--sparsity", "0.5"], "a structured --pattern"),
+    (["prune", *TINY[2:], "--model", "smollm2-135m", "--weights-on-disk"], "only those can keep their weights on disk"),
     (["prune", *TINY, "--sparsity", "-0.1"], "outside [0, 1)"),
     (["prune", *TINY, "--sparsity", "nan"], "outside [0, 1)"),
     (["prune", *TINY, "--sparsity", "inf"], "outside [0, 1)"),
