@@ -73,13 +73,10 @@ def _check_on_disk(plan: Plan, on_disk) -> None:
     from .spec import weights_on_disk_conflict
 
     spec = plan.spec
-    problem = weights_on_disk_conflict(spec, plan.pattern)
-    if problem:
-        if not spec.weights_on_disk:  # decided by size: say so
-            problem = (f"{spec.model} is larger than half the available host memory, so its weights stay on disk; "
-                       + problem.split("; ")[0].replace("--weights-on-disk (a model larger than host memory) ", "it ")
-                       + "; leave that out or run on a machine with more memory")
-        raise UsageError(problem)
+    why = weights_on_disk_conflict(spec, plan.pattern)
+    if why:  # only when decided by size: validate() refused it when asked for
+        raise UsageError(f"{spec.model} takes more than half the available host memory, so its weights stay on disk, "
+                         f"which cannot be used with {why}; leave that out or use a machine with more memory")
     if spec.save_model:
         on_disk.spill_beside(spec.save_model)  # the saved model's shards are then renamed, not copied
     log.info("decoder blocks stay on disk: each is read when the engine reaches it and written back once pruned")

@@ -189,22 +189,21 @@ def _check_weights_on_disk(spec: RunSpec, fields: dict, name) -> None:
     """What a model whose blocks stay on disk cannot do (it is never whole in memory), refused up front
     when asked for; when it is decided by size, api.run refuses the same before reading any weight."""
     if spec.weights_on_disk:
-        problem = weights_on_disk_conflict(spec, fields["pattern"], name)
-        if problem:
-            raise UsageError(problem)
+        why = weights_on_disk_conflict(spec, fields["pattern"], name)
+        if why:
+            raise UsageError(f"{name('weights_on_disk')} (a model larger than host memory) cannot be used with "
+                             f"{why}; leave one out")
 
 
 def weights_on_disk_conflict(spec: RunSpec, pattern, name=lambda key: FLAG_NAMES[key]) -> str | None:
-    why = None
+    """What in `spec` needs the whole model in memory, or None."""
     if pattern.is_structured:
-        why = f"a structured {name('pattern')} (it rewrites the model whole)"
-    elif spec.eval.tasks not in ("", "none"):
-        why = f"{name('eval.tasks')} (lm-eval needs the whole model in memory)"
-    elif spec.checkpoint_dir:
-        why = name("checkpoint_dir") + " (the kept blocks are already on disk)"
-    if why is None:
-        return None
-    return f"{name('weights_on_disk')} (a model larger than host memory) cannot be used with {why}; leave one out"
+        return f"a structured {name('pattern')} (it rewrites the model whole)"
+    if spec.eval.tasks not in ("", "none"):
+        return f"{name('eval.tasks')} (lm-eval needs the whole model in memory)"
+    if spec.checkpoint_dir:
+        return name("checkpoint_dir") + " (the kept blocks are already on disk)"
+    return None
 
 
 def _check_structure(spec: RunSpec, fields: dict, name) -> None:

@@ -261,6 +261,16 @@ def block_seed(seed: int, index: int) -> int:
 
 
 @contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
 def parameters_on_meta():
     """Build a model whose parameters are shapes on the meta device while its buffers (rotary tables)
     are real: no weight memory is touched."""
@@ -325,9 +335,7 @@ def _inside_blocks(model: nn.Module, module: nn.Module) -> bool:
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from .loading import _default_dtype
-
-    with _default_dtype(dtype), parameters_on_meta():
+    with default_dtype(dtype), parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
     return model.eval()

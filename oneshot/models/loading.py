@@ -6,7 +6,6 @@ randomly initialised model with real shapes that needs no download (for speed wo
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import importlib.util
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapter import ModelError
+from .lazy import default_dtype as _default_dtype
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -272,16 +272,6 @@ def _experts_for_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     if dtype == torch.float64 and hasattr(model, "set_experts_implementation") and \
             getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         model.set_experts_implementation("eager")
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 _KEPT: dict[tuple, LoadedModel] = {}

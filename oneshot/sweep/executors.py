@@ -101,6 +101,13 @@ def check(options: ExecutorOptions) -> None:
         if shutil.which("sbatch") is None:
             raise UsageError("--executor slurm needs Slurm's sbatch on PATH (this machine has none); "
                              "run the sweep on a Slurm login node, or use --executor local or ray")
+        if options.partition and shutil.which("sinfo"):
+            import subprocess
+
+            listed = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+            names = [name.rstrip("*") for name in listed.stdout.split()]
+            if listed.returncode == 0 and names and options.partition not in names:
+                raise UsageError(f"--partition {options.partition!r}: this cluster has {', '.join(names)}")
 
 
 def _require(module: str, what: str, install: str) -> None:
@@ -174,10 +181,14 @@ class RayExecutor:
         if self.started_here:
             kwargs = dict(runtime_env=runtime_env, include_dashboard=False, log_to_driver=verbose,
                           logging_level="ERROR", configure_logging=True)
-            if options.ray_address:
-                ray.init(address=options.ray_address, **kwargs)
-            else:  # a local cluster for this sweep: small object store, as records are small
-                ray.init(object_store_memory=128 * 2**20, **kwargs)
+            try:
+                if options.ray_address:
+                    ray.init(address=options.ray_address, **kwargs)
+                else:  # a local cluster for this sweep: small object store, as records are small
+                    ray.init(object_store_memory=128 * 2**20, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - ray raises many kinds; one line says which address failed
+                where = f"--ray-address {options.ray_address}" if options.ray_address else "a local Ray instance"
+                raise UsageError(f"could not start or join {where}: {_first_line(exc)}") from None
         resources = {"num_cpus": 1 if options.cpus_per_run is None else options.cpus_per_run,
                      "num_gpus": options.gpus_per_run or 0}
         # Ray's own retries are off: a dead worker comes back here, is reported, and the driver retries.
@@ -229,7 +240,10 @@ class SlurmExecutor:
 
     def run(self, specs: list[RunSpec], started: Callable[[RunSpec], None]) -> Iterator[Outcome]:
         n = len(specs)
-        jobs = self.executor.map_array(self.work, specs, [self.keep] * n, [self.verbose] * n)
+        try:
+            jobs = self.executor.map_array(self.work, specs, [self.keep] * n, [self.verbose] * n)
+        except Exception as exc:  # noqa: BLE001 - sbatch refused the array (a bad partition, a limit)
+            raise UsageError(f"Slurm refused the job array: {_first_line(exc)}") from None
         pending = dict(zip(jobs, specs))
         try:
             while pending:
@@ -255,6 +269,11 @@ class SlurmExecutor:
 
     def close(self) -> None:
         pass
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines and "sbatch" in str(exc) else lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _worker_failure(exc: BaseException, where: str = "the worker") -> str:
