@@ -11,8 +11,9 @@ from ..errors import UsageError
 def add_sweep_parser(commands) -> None:
     p = commands.add_parser(
         "sweep", help="run a grid of prune runs from a YAML config (resumable)",
-        description="Run every model x method x pattern x sparsity of CONFIG in this process, appending one JSON "
-                    "line per finished run; rerunning skips runs already recorded.")
+        description="Run every model x method x pattern x sparsity of CONFIG in this process (or on Ray or Slurm "
+                    "workers: --executor), appending one JSON line per finished run; rerunning skips runs already "
+                    "recorded.")
     p.add_argument("config", metavar="CONFIG.yaml", help="sweep config (see experiments/README.md)")
     p.add_argument("--results", default=None,
                    help="results JSONL (default: the config's `results`, relative to the config's directory)")
