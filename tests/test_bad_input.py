@@ -74,6 +74,10 @@ def _setup(tmp: Path) -> None:
 CASES = [
     # prune: values
     (["prune", *TINY, "--sparsity", "1"], "outside [0, 1)"),
+    (["prune", *TINY, "--weights-on-disk", "--eval-tasks", "offline"], "lm-eval needs the whole model"),
+    (["prune", *TINY, "--weights-on-disk", "--checkpoint-dir", "{tmp}/new_ckpt"], "cannot be used with --checkpoint-dir"),
+    (["prune", *TINY, "--weights-on-disk", "--method", "magnitude", "--pattern", "layers", "--sparsity", "0.5"], "a structured --pattern"),
+    (["prune", *TINY[2:], "--model", "smollm2-135m", "--weights-on-disk"], "only those can keep their weights on disk"),
     (["prune", *TINY, "--sparsity", "-0.1"], "outside [0, 1)"),
     (["prune", *TINY, "--sparsity", "nan"], "outside [0, 1)"),
     (["prune", *TINY, "--sparsity", "inf"], "outside [0, 1)"),
@@ -186,6 +190,16 @@ CASES = [
     (["sweep", "{tmp}/badopt.yaml"], "options.nope"),
     (["sweep", "{tmp}/badseed.yaml"], "seed must be a whole number from 0"),
     (["sweep", "{tmp}/badsparsity.yaml"], "outside [0, 1)"),
+    (["sweep", "{tmp}/ok.yaml", "--executor", "dask"], "choose one of local, ray, slurm"),
+    (["sweep", "{tmp}/ok.yaml", "--ray-address", "auto"], "--ray-address applies to --executor ray"),
+    (["sweep", "{tmp}/ok.yaml", "--executor", "ray", "--partition", "gpu"], "--partition applies to --executor slurm"),
+    (["sweep", "{tmp}/ok.yaml", "--cpus-per-run", "2"], "local runs use this process"),
+    (["sweep", "{tmp}/ok.yaml", "--executor", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be zero or more"),
+    (["sweep", "{tmp}/ok.yaml", "--executor", "ray", "--cpus-per-run", "0"], "--cpus-per-run must be more than"),
+    (["sweep", "{tmp}/ok.yaml", "--max-retries", "-1"], "--max-retries must be zero or more"),
+    (["sweep", "{tmp}/ok.yaml", "--executor", "ray", "--time", "1:00"], "--time applies to --executor slurm"),
+    (["sweep", "{tmp}/ok.yaml", "--executor", "slurm", "--time", "soon"], "--time 'soon'"),
+    (["sweep", "{tmp}/ok.yaml", "--executor", "slurm", "--cpus-per-run", "1.5"], "whole CPUs"),
     # report
     (["report", "{tmp}/missing.jsonl"], "missing.jsonl"),
     (["report", "{tmp}/garbage.jsonl"], "line 1: ppl"),

@@ -18,6 +18,7 @@ _FIELDS = {
     "batch_size": "batch_size", "output": "output", "save_model": "save_model", "overwrite": "overwrite",
     "checkpoint_dir": "checkpoint_dir", "resume": "resume", "offline": "offline", "quantize": "quantize",
     "group_size": "group_size", "symmetric": "symmetric", "quant_method": "quant_method", "format": "format",
+    "weights_on_disk": "weights_on_disk",
 }
 
 
@@ -35,6 +36,10 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", help=" | ".join(DTYPES) + " (default auto: float32 on CPU)")
     p.add_argument("--output", help="directory for result.json")
+    p.add_argument("--weights-on-disk", action="store_true",
+                   help="models larger than host memory: read each decoder block from disk (a local safetensors "
+                        "checkpoint; a random: preset draws it) when the engine reaches it, and write the pruned "
+                        "model shard by shard (default: when the weights exceed half the available memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

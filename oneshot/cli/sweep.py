@@ -11,8 +11,9 @@ from ..errors import UsageError
 def add_sweep_parser(commands) -> None:
     p = commands.add_parser(
         "sweep", help="run a grid of prune runs from a YAML config (resumable)",
-        description="Run every model x method x pattern x sparsity of CONFIG in this process, appending one JSON "
-                    "line per finished run; rerunning skips runs already recorded.")
+        description="Run every model x method x pattern x sparsity of CONFIG in this process (or on Ray or Slurm "
+                    "workers: --executor), appending one JSON line per finished run; rerunning skips runs already "
+                    "recorded.")
     p.add_argument("config", metavar="CONFIG.yaml", help="sweep config (see experiments/README.md)")
     p.add_argument("--results", default=None,
                    help="results JSONL (default: the config's `results`, relative to the config's directory)")
@@ -21,15 +22,44 @@ def add_sweep_parser(commands) -> None:
     p.add_argument("--reload", action="store_true",
                    help="load the model afresh for every run instead of keeping a copy in memory "
                         "(halves host memory for very large models; slower)")
+    where = p.add_argument_group("where the runs happen (the driver alone writes the results file)")
+    where.add_argument("--executor", default="local", metavar="local|ray|slurm",
+                       help="local: one run after another in this process (default); ray: each run a Ray task; "
+                            "slurm: the runs as one Slurm array job (through submitit)")
+    where.add_argument("--max-retries", type=int, default=1, metavar="N",
+                       help="retry a failed run, or one whose worker died, up to N times (default 1); "
+                            "bad input is never retried")
+    where.add_argument("--cpus-per-run", type=float, default=None, metavar="N",
+                       help="ray/slurm: CPUs each run reserves (default 1)")
+    where.add_argument("--gpus-per-run", type=float, default=None, metavar="N",
+                       help="ray/slurm: GPUs each run reserves (default 0; Ray takes fractions)")
+    where.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="ray: join this cluster (e.g. auto, or ray://host:10001); without it a local Ray "
+                            "instance is started for the sweep")
+    where.add_argument("--partition", default=None, help="slurm: the partition to submit to")
+    where.add_argument("--time", default=None, metavar="LIMIT",
+                       help="slurm: each run's time limit (minutes, H:MM:SS or D-HH:MM; default 60 minutes)")
+    where.add_argument("--array-parallelism", type=int, default=None, metavar="N",
+                       help="slurm: at most N runs of the array at once")
+    where.add_argument("--slurm-folder", default=None, metavar="DIR",
+                       help="slurm: where submitit keeps job logs (default: slurm/ beside the results file)")
     p.set_defaults(handler=sweep_command)
 
 
 def sweep_command(args) -> int:
     from ..sweep import load_config, run_sweep
+    from ..sweep.executors import ExecutorOptions, check
 
+    given = vars(args)  # a Namespace built by hand (an embedding program) may leave these out
+    executor = ExecutorOptions(name=given.get("executor") or "local", ray_address=given.get("ray_address"),
+                               cpus_per_run=given.get("cpus_per_run"), gpus_per_run=given.get("gpus_per_run"),
+                               partition=given.get("partition"), time=given.get("time"),
+                               array_parallelism=given.get("array_parallelism"), folder=given.get("slurm_folder"),
+                               max_retries=given.get("max_retries", 1))
+    check(executor)  # before the config is even read
     config = load_config(args.config)
-    return run_sweep(config, args.results,
-                     dry_run=args.dry_run, verbose=args.verbose, reload=args.reload)
+    return run_sweep(config, args.results, dry_run=args.dry_run, verbose=args.verbose, reload=args.reload,
+                     executor=executor)
 
 
 def add_report_parser(commands) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import decoder_blocks
+from ..models import decoder_blocks, materialised
 
 
 class Caught(Exception):
@@ -82,3 +82,52 @@ def forward_block(block: nn.Module, hidden: torch.Tensor, call, device) -> torch
     args, kwargs = call
     out = block(hidden.to(device, non_blocking=True), *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out  # older transformers return tuples
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block when the blocks have already run: passes the hidden state on, and
+    the last one hands over the block stack's output for this chunk, so the model's head reads it."""
+
+    def __init__(self, block: nn.Module, outputs, last: bool):
+        super().__init__()
+        object.__setattr__(self, "wrapped", block)
+        self.outputs, self.last = outputs, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return next(self.outputs) if self.last else hidden_states
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "wrapped"), name)
+
+
+@torch.no_grad()
+def streamed_logits(model: nn.Module, input_ids: torch.Tensor, device, batch_size: int, progress: bool = False):
+    """The model's logits for each batch of `input_ids`, running every batch through one block at a
+    time (each block read once, for a model whose blocks stay on disk)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    inputs = capture_block_inputs(model, input_ids, device, batch_size, offload=False)
+    blocks = decoder_blocks(model)
+    for index in tqdm(range(len(blocks)), desc="perplexity", unit="block", disable=not progress, leave=False):
+        with materialised(model, index) as block:
+            block.to(device)
+            try:
+                inputs.hidden = [forward_block(block, h, call, device) for h, call in zip(inputs.hidden, inputs.calls[index])]
+            finally:
+                block.to("cpu")
+    outputs = iter(inputs.hidden)
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _Replay(block, outputs, last=i == len(originals) - 1)
+    try:
+        model.to(device)
+        for chunk in input_ids.split(batch_size):
+            yield model(input_ids=chunk.to(device), use_cache=False).logits
+    finally:
+        model.to("cpu")
+        for i, block in enumerate(originals):
+            blocks[i] = block

@@ -8,12 +8,14 @@ norm or embedding, so a run can say what it left dense.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..models import block_weight_roles, decoder_blocks, weight_kind
+from ..models.lazy import block_weights, materialised
 
 
 @dataclass
@@ -55,21 +57,32 @@ def _zeros(tensor: torch.Tensor) -> int:
 @torch.no_grad()
 def measure_coverage(model: nn.Module) -> Coverage:
     coverage = Coverage()
-    counted: dict[int, int] = {}  # id(parameter) -> zeros, so a tensor is counted once
-    for block in decoder_blocks(model):
-        for name, (parameter, role) in block_weight_roles(block).items():
-            if id(parameter) in counted:
-                continue
-            zeros = counted[id(parameter)] = _zeros(parameter)
-            coverage.block_zeros += zeros
-            coverage.block_numel += parameter.numel()
-            if role == "pruned":
-                coverage.prunable_numel += parameter.numel()
-            elif role == "other":
-                seen = coverage.unpruned.setdefault(weight_kind(name), {"tensors": 0, "numel": 0})
-                seen["tensors"] += 1
-                seen["numel"] += parameter.numel()
-    for parameter in model.parameters():  # each distinct parameter once, tied embeddings included
-        coverage.model_zeros += counted[id(parameter)] if id(parameter) in counted else _zeros(parameter)
-        coverage.model_numel += parameter.numel()
+    counted: set[int] = set()  # id(parameter), so a tensor is counted once
+    on_disk = block_weights(model)
+    for index, block in enumerate(decoder_blocks(model)):
+        # A block on disk was counted when the engine kept it; one never kept is read once here.
+        kept = on_disk.zeros.get(index) if on_disk is not None else None
+        visit = materialised(model, index) if on_disk is not None and kept is None else contextlib.nullcontext(block)
+        with visit as block:
+            zeros_of = {id(p): kept[name] if kept is not None else _zeros(p) for name, p in block.named_parameters()}
+            for name, (parameter, role) in block_weight_roles(block).items():
+                if id(parameter) in counted:
+                    continue
+                counted.add(id(parameter))
+                coverage.block_zeros += zeros_of[id(parameter)]
+                coverage.block_numel += parameter.numel()
+                if role == "pruned":
+                    coverage.prunable_numel += parameter.numel()
+                elif role == "other":
+                    seen = coverage.unpruned.setdefault(weight_kind(name), {"tensors": 0, "numel": 0})
+                    seen["tensors"] += 1
+                    seen["numel"] += parameter.numel()
+            for parameter in block.parameters():  # each distinct parameter once
+                coverage.model_zeros += zeros_of[id(parameter)]
+                coverage.model_numel += parameter.numel()
+    in_blocks = {id(p) for block in decoder_blocks(model) for p in block.parameters()}
+    for parameter in model.parameters():  # the rest, each distinct parameter once (tied embeddings too)
+        if id(parameter) not in in_blocks:
+            coverage.model_zeros += _zeros(parameter)
+            coverage.model_numel += parameter.numel()
     return coverage

@@ -6,7 +6,9 @@
 
 The engine knows nothing of any method's maths: a method is a statistic class plus a function
 (weight, statistic, sparsity, pattern, **options) -> (weight, mask, info). Each layer gets its own
-target sparsity (from an allocation). Only one block is ever on the device.
+target sparsity (from an allocation). Only one block is ever on the device. A model whose blocks stay
+on disk (models/lazy.py) has each block read when the engine reaches it, kept (written to a spill
+shard) once pruned, and released: host memory holds one block too.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import Checkpoint
 from ..methods import Method, Pattern
 from ..models import decoder_blocks, get_weight, prunable_layers
+from ..models.lazy import block_weights, materialised
 from .capture import BlockInputs, capture_block_inputs, forward_block, store
 from .memory import ResourceError, activations_fit, default_batch_size
 from .report import PruneReport
@@ -105,9 +108,10 @@ def prune_model(
         phase[0] = name
         bar.set_postfix_str(name)
 
+    on_disk = block_weights(model)
     for index in range(first, len(blocks)):
-        block = blocks[index]
-        phase[0] = "moving"
+        phase[0] = "loading" if on_disk else "moving"
+        block = on_disk.load(index) if on_disk else blocks[index]
         try:
             block.to(device)
             layers = prunable_layers(block)
@@ -118,13 +122,19 @@ def prune_model(
                 stage(visit)
             del visit
             block.to("cpu")
+            if checkpoint is not None:
+                last = index + 1 == len(blocks)
+                checkpoint.save(index, block, None if last or inputs is None else inputs.hidden, dict(report.layer_info))
+            if on_disk:
+                on_disk.keep(index)  # the pruned block, written to its shard; read from there from now on
         except torch.cuda.OutOfMemoryError:
             block.to("cpu")
             raise ResourceError(f"CUDA ran out of memory in block {index} ({phase[0]}); lower --batch-size "
                                 f"(now {batch_size}) or --nsamples/--seqlen") from None
-        if checkpoint is not None:
-            last = index + 1 == len(blocks)
-            checkpoint.save(index, block, None if last or inputs is None else inputs.hidden, dict(report.layer_info))
+        finally:
+            if on_disk:
+                on_disk.release(index)
+            del block
         bar.update(1)
         if on_block_done is not None:
             on_block_done(index)
@@ -148,26 +158,27 @@ def stream_statistics(model: nn.Module, statistic: type, input_ids: torch.Tensor
     inputs, _offload, _batch = _inputs(model, input_ids, device, batch_size)
     blocks = decoder_blocks(model)
     for index in tqdm(range(len(blocks)), desc="statistics", unit="block", disable=not progress, leave=False):
-        block = blocks[index]
-        block.to(device)
-        try:
-            layers = prunable_layers(block)
-            visit = BlockVisit(index, block, layers, device, reader, {}, Pattern(), {}, inputs, PruneReport(),
-                               last=index + 1 == len(blocks))
-            gather_statistics(visit)
-            values, done = {}, {}
-            for name, stat in visit.stats.items():
-                if id(stat) not in done:
-                    done[id(stat)] = stat.value()
-                values[name] = done[id(stat)]
-            yield index, layers, values
-            del visit, values, done
-            if index + 1 < len(blocks):
-                calls = inputs.calls[index]
-                inputs.hidden = [store(forward_block(block, h, call, device), h.device.type == "cpu" and device.type == "cuda")
-                                 for h, call in zip(inputs.hidden, calls)]
-        finally:
-            block.to("cpu")
+        with materialised(model, index) as block:  # a block on disk is read for this visit only
+            block.to(device)
+            try:
+                layers = prunable_layers(block)
+                visit = BlockVisit(index, block, layers, device, reader, {}, Pattern(), {}, inputs, PruneReport(),
+                                   last=index + 1 == len(blocks))
+                gather_statistics(visit)
+                values, done = {}, {}
+                for name, stat in visit.stats.items():
+                    if id(stat) not in done:
+                        done[id(stat)] = stat.value()
+                    values[name] = done[id(stat)]
+                yield index, layers, values
+                del visit, values, done
+                if index + 1 < len(blocks):
+                    calls = inputs.calls[index]
+                    inputs.hidden = [store(forward_block(block, h, call, device),
+                                           h.device.type == "cpu" and device.type == "cuda")
+                                     for h, call in zip(inputs.hidden, calls)]
+            finally:
+                block.to("cpu")
 
 
 def _fingerprint(method, targets, pattern, options, input_ids, blocks, stages) -> dict:

@@ -16,20 +16,32 @@ from ..methods.masks import compute_dtype
 
 
 @torch.no_grad()
-def window_losses(model, windows: torch.Tensor, device="cpu", batch_size: int = 1, progress: bool = True) -> torch.Tensor:
-    """Mean next-token NLL of each window [n, seqlen], in fp32 (fp64 for an fp64 model), on CPU [n]."""
+def window_losses(model, windows: torch.Tensor, device="cpu", batch_size: int = 1, progress: bool = True,
+                  streamed: bool = False) -> torch.Tensor:
+    """Mean next-token NLL of each window [n, seqlen], in fp32 (fp64 for an fp64 model), on CPU [n].
+    `streamed`: the model's blocks stay on disk, so all windows pass block by block (the same
+    arithmetic, batch for batch) and the model's head then reads the last block's outputs."""
     losses = []
-    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress, leave=False):
+    batches = windows.split(batch_size)
+    if streamed:
+        from ..engine.capture import streamed_logits
+
+        all_logits = streamed_logits(model, windows, device, batch_size, progress)
+    else:
+        all_logits = (model(input_ids=batch.to(device), use_cache=False).logits for batch in batches)
+    for batch, logits in tqdm(zip(batches, all_logits), total=len(batches), desc="perplexity", unit="batch",
+                              disable=not progress or streamed, leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        logits = logits[:, :-1]
         logits = logits.to(compute_dtype(logits.dtype))
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
         losses.append(nll.view(batch.shape[0], -1).mean(dim=1).cpu())
     return torch.cat(losses)
 
 
-def perplexity(model, windows: torch.Tensor, device="cpu", batch_size: int = 1, progress: bool = True) -> float:
-    """exp(mean window loss); the model must already be on `device`."""
+def perplexity(model, windows: torch.Tensor, device="cpu", batch_size: int = 1, progress: bool = True,
+               streamed: bool = False) -> float:
+    """exp(mean window loss); the model must already be on `device` (unless streamed)."""
     if windows.numel() == 0:
         raise ValueError("no evaluation windows: the text is shorter than one window")
-    return math.exp(window_losses(model, windows, device, batch_size, progress).mean().item())
+    return math.exp(window_losses(model, windows, device, batch_size, progress, streamed).mean().item())

@@ -35,10 +35,15 @@ def save_model(model, tokenizer, record: dict, directory: str | Path, write_weig
     try:
         from transformers.utils import logging as hf_logging
 
+        from ..models import block_weights
+
         lineage = lineage_of(record)
+        on_disk = block_weights(model)
         hf_logging.disable_progress_bar()
         try:
-            if write_weights is None:
+            if on_disk is not None:  # blocks on disk: written (or renamed into place) shard by shard
+                on_disk.save(tmp)
+            elif write_weights is None:
                 model.save_pretrained(tmp, safe_serialization=True)
             else:
                 write_weights(tmp, lineage)

@@ -4,13 +4,16 @@ from .adapter import (ModelError, block_weight_roles, decoder_blocks, get_weight
                       prunable_layers, set_weight, weight_kind)
 from .experts import ExpertProjection, routed_through_projections, routers
 from .loading import (ALIASES, PRESETS, SMOLLM2_INSTALL, TINY_MOE_PRESETS, TINY_PRESETS, ByteTokenizer, LoadedModel,
-                      build_random_model, check_model_spec, keep_loaded, load_model, model_skeleton, smollm2_path)
+                      build_random_model, can_stay_on_disk, check_model_spec, keep_loaded, load_model, model_skeleton,
+                      smollm2_path, weights_stay_on_disk)
+from .lazy import block_weights, materialised
 from .structure import (COLS, ROWS, AttentionMap, Counter, Coupling, Member, MlpMap, StructureMap, remove_blocks,
                         remove_units, rewrite_config, structure_map, update_model_config)
 
 __all__ = ["ModelError", "block_weight_roles", "decoder_blocks", "get_weight", "layer_parameter", "model_family",
            "prunable_layers", "set_weight", "weight_kind", "ExpertProjection", "routed_through_projections", "routers",
            "ALIASES", "PRESETS", "SMOLLM2_INSTALL", "TINY_MOE_PRESETS", "TINY_PRESETS", "ByteTokenizer", "LoadedModel",
-           "build_random_model", "check_model_spec", "keep_loaded", "load_model", "model_skeleton", "smollm2_path", "COLS", "ROWS",
+           "build_random_model", "can_stay_on_disk", "weights_stay_on_disk", "block_weights", "materialised",
+           "check_model_spec", "keep_loaded", "load_model", "model_skeleton", "smollm2_path", "COLS", "ROWS",
            "AttentionMap", "Counter", "Coupling", "Member", "MlpMap", "StructureMap", "remove_blocks", "remove_units",
            "rewrite_config", "structure_map", "update_model_config"]

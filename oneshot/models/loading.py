@@ -6,7 +6,6 @@ randomly initialised model with real shapes that needs no download (for speed wo
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import importlib.util
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapter import ModelError
+from .lazy import default_dtype as _default_dtype
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -241,16 +241,28 @@ def model_skeleton(spec: str) -> nn.Module:
         hf_logging.set_verbosity(verbosity)
 
 
-def build_random_model(preset: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """A model with a preset's real shapes and seeded random weights, created directly in `dtype`."""
+def build_random_model(preset: str, dtype: torch.dtype, seed: int = 0, on_disk: bool = False) -> nn.Module:
+    """A model with a preset's real shapes and seeded random weights, created directly in `dtype`.
+
+    The tiny presets are drawn whole from `seed`. The real-shape ones are drawn block by block (block i
+    from its own seed, lazy.block_seed), so that they come out the same whether built whole or, with
+    `on_disk`, one block at a time as the engine reaches it (a 13B model in a few GiB of memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kwargs = PRESETS[preset]
     config = AutoConfig.for_model(model_type, **kwargs)
+    if preset not in TINY_PRESETS and preset not in TINY_MOE_PRESETS:
+        from .lazy import random_model
+
+        return random_model(config, dtype, seed, keep_on_disk=on_disk)
     torch.manual_seed(seed)
     with _default_dtype(dtype):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _experts_for_dtype(model, dtype)
+    if on_disk:  # a tiny model streamed as if from disk (tests of that path): its values do not change
+        from .lazy import hold_aside
+
+        hold_aside(model)
     return model.eval()
 
 
@@ -260,16 +272,6 @@ def _experts_for_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     if dtype == torch.float64 and hasattr(model, "set_experts_implementation") and \
             getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         model.set_experts_implementation("eager")
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 _KEPT: dict[tuple, LoadedModel] = {}
@@ -284,8 +286,14 @@ def keep_loaded(enabled: bool = True) -> None:
         _KEPT.clear()
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    """Load `spec` on the CPU in `dtype`, in eval mode with the KV cache off."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, on_disk: bool | None = False) -> LoadedModel:
+    """Load `spec` on the CPU in `dtype`, in eval mode with the KV cache off. With `on_disk` the decoder
+    blocks stay on disk (a local safetensors checkpoint) or are drawn when reached (a random preset)
+    until the engine reaches them; None decides by size (weights_stay_on_disk)."""
+    if on_disk is None:
+        on_disk = weights_stay_on_disk(spec, dtype)
+    if on_disk:
+        return _open_on_disk(spec, dtype, seed)
     key = (spec, dtype, seed)
     if _KEEP and key in _KEPT:
         kept = _KEPT[key]
@@ -294,6 +302,63 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
     if _KEEP:
         _KEPT[key] = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
     return loaded
+
+
+# Weights larger than this share of the available host memory stay on disk unless told otherwise.
+ON_DISK_SHARE = 0.5
+
+
+def weights_stay_on_disk(spec: str, dtype: torch.dtype) -> bool:
+    """Whether a model left to decide (--weights-on-disk not given) should stream its blocks: it can (a
+    local safetensors checkpoint or a real-shape random preset) and its weights in `dtype` take more
+    than ON_DISK_SHARE of the host memory available now."""
+    if not can_stay_on_disk(spec):
+        return False
+    from .lazy import available_host_bytes
+
+    available = available_host_bytes()
+    if available is None:
+        return False
+    skeleton = model_skeleton(spec)  # shapes only, on the meta device
+    size = sum(t.numel() for t in skeleton.state_dict().values()) * torch.empty((), dtype=dtype).element_size()
+    return size > ON_DISK_SHARE * available
+
+
+def can_stay_on_disk(spec: str) -> bool:
+    kind = check_model_spec(spec)
+    if kind == "random":
+        return True
+    return kind == "local" and any(Path(spec).expanduser().glob("*.safetensors"))
+
+
+def _open_on_disk(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
+    kind = check_model_spec(spec)
+    if not can_stay_on_disk(spec):
+        raise ModelError(f"{spec}: only a local safetensors checkpoint or a random:<preset> can keep its weights "
+                         "on disk; drop --weights-on-disk")
+    if kind == "random":
+        model = build_random_model(spec[7:], dtype, seed, on_disk=True)
+        return LoadedModel(model, ByteTokenizer(), spec, f"random weights, seed {seed} (blocks streamed)")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .lazy import open_checkpoint
+
+    path = Path(spec).expanduser()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        byte_tokens = (path / BYTE_TOKENIZER_FILE).is_file()
+        tokenizer = ByteTokenizer() if byte_tokens else _load_tokenizer(AutoTokenizer, str(path), spec, {})
+        model = open_checkpoint(path, dtype)
+    except ModelError:
+        raise
+    except Exception as exc:  # transformers raises many kinds for a model it cannot build
+        raise ModelError(f"could not open model {spec}: {' '.join(str(exc).split())[:400]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _experts_for_dtype(model, dtype)
+    return LoadedModel(model, tokenizer, spec, f"{spec} (decoder blocks read from disk as reached)")
 
 
 def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:

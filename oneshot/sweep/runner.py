@@ -1,23 +1,29 @@
-"""Running a sweep: every grid point through `api.run` in this process, resumable.
+"""Running a sweep: every grid point through `api.run`, in this process or on workers (executors.py),
+resumable.
 
 - The whole config is checked before any run: a bad key or value is one line (UsageError).
 - Rerunning the same config skips every run whose `run_key` is already in the results file.
 - Each model is loaded once and every run gets a fresh copy of it (`--reload` loads it per run).
 - A run that fails records nothing, prints one line, and the sweep goes on; the sweep then returns 1.
   Ctrl-C stops the sweep (130) with every finished run kept.
+- Workers (Ray tasks, Slurm jobs) return records; only this driver appends them, one whole line each.
+  A failed run, or one whose worker died, is reported and retried up to `max_retries` times (bad
+  input is not retried: it would fail the same way).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 import time
 from pathlib import Path
 
 from ..api import run
-from ..errors import RunError, Terminated, UsageError
+from ..errors import Terminated, UsageError
 from ..spec import validate
 from .config import SWEEP_NAMES, SweepConfig, check_runs, label, run_key
+from .executors import ExecutorOptions, make_executor
+from .executors import check as check_executor
+from .work import Models, run_spec
 from .store import append_record, read_results
 
 
@@ -41,43 +47,18 @@ def _summary(record: dict) -> str:
     return ", ".join(parts) or "no metrics"
 
 
-class _Models:
-    """One loaded copy per (model, dtype, seed); each run gets its own deep copy."""
-
-    def __init__(self, keep: bool):
-        self.keep, self.kept = keep, {}
-
-    def get(self, spec):
-        if not self.keep:
-            return None
-        from ..models import check_model_spec, load_model
-        from ..spec import resolve_device, resolve_dtype
-
-        dtype = resolve_dtype(spec.dtype, resolve_device(spec.device), spec.model, check_model_spec(spec.model))
-        key = (spec.model, dtype, spec.seed)
-        if key not in self.kept:
-            self.kept[key] = load_model(spec.model, dtype=dtype, seed=spec.seed)
-        loaded = self.kept[key]
-        return type(loaded)(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
-
-
-def run_one(spec, models: _Models):
-    """(record dict or None, one-line failure)."""
-    try:
-        record = run(spec, loaded=models.get(spec), names=SWEEP_NAMES)
-    except (UsageError, RunError) as exc:
-        return None, str(exc)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one failed run must not end the sweep
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-    return record.to_dict(), ""
+def run_one(spec, models: Models):
+    """(record dict or None, one-line failure, whether a retry could succeed), through this module's `run`."""
+    return run_spec(spec, models, run)
 
 
 def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = False, verbose: bool = False,
-              reload: bool = False, out=None) -> int:
+              reload: bool = False, out=None, executor: ExecutorOptions | None = None) -> int:
     out = out or sys.stdout
     from ..paths import results_file
+
+    executor = executor or ExecutorOptions()
+    check_executor(executor)
 
     results = results_file(str(results) if results is not None else str(config.results),
                            "--results" if results is not None else f"config {config.path.name}: results")
@@ -110,34 +91,54 @@ def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = 
     say(f"{config.path}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, {len(todo)} to run; "
         f"results: {results}")
 
-    failed, finished, started = [], 0, time.perf_counter()
+    failed, finished, began = [], 0, time.perf_counter()
     width = len(str(len(todo)))
-    models = _Models(keep=not reload)
     logger = logging.getLogger("oneshot")
     level = logger.level
     if not verbose:
         logger.setLevel(logging.WARNING)  # one line per run; --verbose shows each run's own log
+    attempts = {run_key(spec): 0 for spec in todo}
+    number = {run_key(spec): i for i, spec in enumerate(todo, 1)}
+    workers = None
     try:
-        for i, spec in enumerate(todo, 1):
-            say(f"[{i:>{width}}/{len(todo)}] {label(spec)} ... ", end="" if not verbose else "\n")
-            began = time.perf_counter()
-            record, problem = run_one(spec.replace(progress=verbose), models)
-            seconds = time.perf_counter() - began
-            if record is None:
-                failed.append(spec)
-                say(f"FAILED after {seconds:.0f} s: {problem}")
-                continue
-            record["run_key"] = run_key(spec)
-            append_record(results, record)
-            finished += 1
-            say(f"{_summary(record)} ({seconds:.0f} s)")
+        workers = make_executor(executor, keep_models=not reload, verbose=verbose, results=results, run_one=run_one)
+        if workers.parallel:
+            say(f"running on {executor.name}; each line appears as its run finishes")
+        pending = todo
+        while pending:
+            retry = []
+            opened = set()
+
+            def started(spec):  # the local loop: the run's line opens before it runs
+                opened.add(run_key(spec))
+                say(f"[{number[run_key(spec)]:>{width}}/{len(todo)}] {label(spec)} ... ",
+                    end="" if not verbose else "\n")
+
+            for outcome in workers.run(pending, started):
+                spec, key = outcome.spec, run_key(outcome.spec)
+                if key not in opened:
+                    say(f"[{number[key]:>{width}}/{len(todo)}] {label(spec)} ... ", end="")
+                attempts[key] += 1
+                if outcome.record is None:
+                    again = outcome.retryable and attempts[key] <= executor.max_retries
+                    note = f"; retrying ({attempts[key]}/{executor.max_retries})" if again else ""
+                    say(f"FAILED after {outcome.seconds:.0f} s: {outcome.problem}{note}")
+                    (retry if again else failed).append(spec)
+                    continue
+                record = dict(outcome.record, run_key=key)
+                append_record(results, record)
+                finished += 1
+                say(f"{_summary(record)} ({outcome.seconds:.0f} s)")
+            pending = retry
     except KeyboardInterrupt as exc:
         say("")
         say(f"interrupted: {finished} run(s) recorded this time in {results}; run the same command to resume")
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         logger.setLevel(level)
-    total = time.perf_counter() - started
+        if workers is not None:
+            workers.close()
+    total = time.perf_counter() - began
     say(f"finished {finished} run(s) in {total / 60:.1f} min, {len(failed)} failed")
     _report(results, config, say)
     if failed:
