@@ -16,7 +16,8 @@ from oneshot.spec import Calibration, Evaluation
 TINY = RunSpec(model="random:tiny-llama", calibration=Calibration(nsamples=4, seqlen=64),
                eval=Evaluation(samples=2), progress=False)
 # Whatever differs between two runs of the same settings: when, how long, how much memory, the command.
-VARYING = {"timings", "peak_memory_gib", "finished_at", "command", "model_source"}
+VARYING = {"timings", "peak_memory_gib", "finished_at", "command", "model_source",
+           "saved_model"}  # its path, and its bytes: one file against shards
 
 
 def tensors(directory) -> dict:

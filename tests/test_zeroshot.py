@@ -162,14 +162,14 @@ def test_prune_with_eval_tasks_writes_zeroshot(smollm2, tmp_path, capsys, monkey
 
     real_load = oneshot.models.load_model
 
-    def load(spec, dtype=torch.float32, seed=0):
+    def load(spec, dtype=torch.float32, seed=0, on_disk=None):
         if spec == "smollm2-135m":
             model = copy.deepcopy(smollm2.model)
             # A GGUF-loaded model keeps transformers' GGUF quantizer, which refuses save_pretrained
             # although the weights are plain tensors; oneshot.models should drop it after loading.
             model.hf_quantizer = None
             return LoadedModel(model, smollm2.tokenizer, spec, "session fixture")
-        return real_load(spec, dtype=dtype, seed=seed)
+        return real_load(spec, dtype=dtype, seed=seed, on_disk=on_disk)
 
     monkeypatch.setattr(oneshot.models, "load_model", load)
     out, saved = tmp_path / "run", tmp_path / "model"
