@@ -37,16 +37,6 @@ def check_pattern(model: nn.Module, pattern: Pattern) -> None:
                 pattern.check_width(get_weight(layer).shape[1], name)
 
 
-def _available_host_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
 
 def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_size: int | None = None) -> dict:
     """Estimate the run's working memory and fail early, naming the flag to change, if it cannot fit.
@@ -82,7 +72,9 @@ def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_siz
                                 f"{device} but {free / gib:.1f} GiB is free; lower --batch-size (now {batch_size})")
         if activations >= free / 3:
             on_host = activations  # the engine keeps them in pinned host memory
-    available = _available_host_bytes()
+    from ..models.lazy import available_host_bytes
+
+    available = available_host_bytes()
     needed = on_host + (scratch if device.type == "cpu" else 0)
     if available is not None and needed > 0.9 * available:
         raise ResourceError(f"calibration activations need about {needed / gib:.1f} GiB of host memory "
