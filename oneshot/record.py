@@ -67,8 +67,12 @@ class Record:
     quantization: dict | None = None
     # With --save-model: {"format", "path", "bytes" (the directory), "weights_bytes" (weight files only)}.
     saved_model: dict | None = None
+    # Recovery after pruning: mode, data, steps, tokens, lr, loss curve, seconds, perplexity before and
+    # after, exact sparsity after (api._recover); and, for iterative pruning, one entry per stage.
+    recovery: dict | None = None
+    stages: list | None = None
 
-    _DROP_IF_NONE = ("lineage", "run_key", "structure", "quantization", "saved_model")
+    _DROP_IF_NONE = ("lineage", "run_key", "structure", "quantization", "saved_model", "recovery", "stages")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

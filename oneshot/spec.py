@@ -9,6 +9,7 @@ line naming the flag or key to change (`names` says how the caller spells each f
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from .errors import UsageError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")  # float64: for numerical studies
-KINDS = ("prune", "eval")
+KINDS = ("prune", "eval", "recover")
 SEED_LIMIT = 2**32  # numpy's and torch's seeds alike
 
 # How each field is spelled on the command line, and in a YAML config.
@@ -30,7 +31,26 @@ FLAG_NAMES = {
     "checkpoint_dir": "--checkpoint-dir", "resume": "--resume", "overwrite": "--overwrite",
     "quantize": "--quantize", "group_size": "--group-size", "symmetric": "--symmetric",
     "quant_method": "--quant-method", "format": "--format", "weights_on_disk": "--weights-on-disk",
+    # recovery inside a prune run (`oneshot recover` spells them without the prefix: RECOVER_FLAG_NAMES)
+    "recover.mode": "--recover-mode", "recover.steps": "--recover-steps", "recover.lr": "--recover-lr",
+    "recover.schedule": "--recover-schedule", "recover.warmup": "--recover-warmup",
+    "recover.batch_size": "--recover-batch-size", "recover.seqlen": "--recover-seqlen",
+    "recover.grad_accum": "--recover-grad-accum", "recover.train_data": "--recover-data",
+    "recover.distill": "--distill", "recover.temperature": "--temperature", "recover.alpha": "--distill-alpha",
+    "recover.teacher": "--teacher", "recover.lora_r": "--lora-r", "recover.lora_alpha": "--lora-alpha",
+    "recover.lora_targets": "--lora-targets", "recover.checkpoint_every": "--checkpoint-every",
+    "recover.eval_at": "--recover-eval-at", "recover.iterative": "--iterative",
+    "recover.iterative_schedule": "--iterative-schedule",
 }
+RECOVER_FLAG_NAMES = dict(FLAG_NAMES, **{
+    "model": "--pruned", "recover.mode": "--mode", "recover.steps": "--steps", "recover.lr": "--lr",
+    "recover.schedule": "--schedule", "recover.warmup": "--warmup", "recover.batch_size": "--batch-size",
+    "recover.seqlen": "--train-seqlen", "recover.grad_accum": "--grad-accum", "recover.train_data": "--train-data",
+    "recover.eval_at": "--eval-at",
+})
+RECOVER_MODES = ("full", "lora")
+# Peak learning rates: LoRA's is Wanda's recipe (1e-4); full fine-tuning moves every kept weight, so less.
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-4}
 FORMATS = ("hf", "compressed-tensors", "gguf")
 YAML_NAMES = {key: key for key in FLAG_NAMES}
 
@@ -49,6 +69,37 @@ class Evaluation:
     tasks: str = "none"  # zero-shot: a suite or comma-separated lm-eval task names
     limit: int | None = None  # at most this many documents per zero-shot task
     batch_size: int | str | None = None  # lm-eval batch size, or "auto"
+
+
+@dataclass
+class Recovery:
+    """Fine-tuning after pruning with the zero pattern locked (oneshot/recover): the settings of a run of
+    kind "recover" (a saved pruned model), or of the recovery that follows pruning in a prune run."""
+
+    mode: str = "full"  # full: the block linears train | lora: peft adapters, merged back sparse
+    steps: int = 100  # optimiser steps (per stage when iterative)
+    lr: float | None = None  # peak; None: DEFAULT_LR[mode]
+    schedule: str = "cosine"  # constant | linear | cosine (recover/schedule.py)
+    warmup: int = 0  # steps rising linearly to the peak
+    batch_size: int = 8  # windows per micro-batch
+    seqlen: int = 512  # tokens per training window (a tokens: file's own width wins)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    train_data: str = "wiki-offline"  # a calibration source name: its calibration split, never the evaluation one
+    distill: bool = False  # KL to the dense base model's logits
+    temperature: float = 1.0
+    alpha: float = 1.0  # distillation's share of the loss; 1 - alpha is cross-entropy
+    teacher: str | None = None  # None: the lineage card's base model (recover) or the model before pruning (prune)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple = ()  # () : the family's query and value projections
+    checkpoint_every: int | None = None  # with checkpoint_dir: every this many steps (default: every 10% of steps)
+    eval_at: tuple = ()  # steps at which perplexity is also measured (besides before and after)
+    iterative: int = 1  # prune runs: reach the target in this many prune-recover stages
+    iterative_schedule: str = "linear"  # linear | cubic (recover/schedule.py)
+
+    @property
+    def peak_lr(self) -> float:
+        return DEFAULT_LR.get(self.mode, 1e-4) if self.lr is None else float(self.lr)
 
 
 @dataclass
@@ -86,13 +137,14 @@ class RunSpec:
     weights_on_disk: bool | None = None
     progress: bool = True
     kind: str = "prune"
+    recover: Recovery | None = None  # kind "recover", or recovery after pruning in a prune run
 
     def replace(self, **changes) -> "RunSpec":
         return dataclasses.replace(self, **changes)
 
     def to_argv(self) -> list[str]:
         """The `oneshot` command line that runs this spec (recorded with every result)."""
-        argv = [self.kind, "--model", self.model]
+        argv = [self.kind, "--pruned" if self.kind == "recover" else "--model", self.model]
         if self.kind == "prune":
             argv += ["--method", self.method]
             if self.pattern != "unstructured":
@@ -131,9 +183,25 @@ class RunSpec:
         if self.eval.tasks not in ("", "none"):
             argv += ["--eval-tasks", self.eval.tasks]
         argv += ["--device", self.device, "--dtype", self.dtype]
+        if self.recover is not None:
+            argv += self._recover_argv()
         argv += [flag for flag, on in (("--resume", self.resume), ("--overwrite", self.overwrite),
                                        ("--offline", self.offline), ("--weights-on-disk", self.weights_on_disk)) if on]
         return ["oneshot", *argv]
+
+    def _recover_argv(self) -> list[str]:
+        names = RECOVER_FLAG_NAMES if self.kind == "recover" else FLAG_NAMES
+        default, argv = Recovery(), []
+        for key in ("mode", "steps", "lr", "schedule", "warmup", "batch_size", "seqlen", "grad_accum", "train_data",
+                    "temperature", "alpha", "teacher", "lora_r", "lora_alpha", "lora_targets", "checkpoint_every",
+                    "eval_at", "iterative", "iterative_schedule"):
+            value = getattr(self.recover, key)
+            if key == "steps" or value != getattr(default, key):
+                text = ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+                argv += [names[f"recover.{key}"], text]
+        if self.recover.distill:
+            argv.append(names["recover.distill"])
+        return argv
 
 
 @dataclass
@@ -179,9 +247,13 @@ def validate(spec: RunSpec, names: dict | None = None) -> Plan:
             check_source(source, "evaluation")
     except SourceError as exc:
         raise UsageError(str(exc)) from None
+    if spec.kind == "recover":
+        _check_pruned_directory(spec, name)
     _check_outputs(spec, name)
     _check_weights_on_disk(spec, fields, name)
     device = resolve_device(spec.device, name("device"))
+    if spec.recover is not None:
+        _check_recovery_inputs(spec, fields, name)
     try:
         model_kind = check_model_spec(spec.model)
     except ModelError as exc:
@@ -252,6 +324,8 @@ def weights_on_disk_conflict(spec: RunSpec, pattern, name=lambda key: FLAG_NAMES
         return name("checkpoint_dir") + " (the kept blocks are already on disk)"
     if spec.quantize not in (None, "none") or spec.format != "hf":
         return f"{name('quantize')} or {name('format')} other than hf (the writers take the whole model)"
+    if spec.recover is not None:
+        return f"{name('recover.steps')} (recovery trains the whole model in memory)"
     return None
 
 
@@ -289,8 +363,9 @@ def validate_fields(spec: RunSpec, names: dict | None = None) -> dict:
         method = resolve_method(spec.method, pattern, METHODS, name("method"), name("pattern"))
     except PatternError as exc:
         raise UsageError(str(exc)) from None
-    if spec.kind == "eval" and method.name != "dense":
-        raise UsageError("an eval run measures the model as it is: its method must be dense")
+    if spec.kind in ("eval", "recover") and method.name != "dense":
+        raise UsageError(f"an {spec.kind} run takes a model as it is: its method must be dense")
+    _check_recovery_fields(spec, pattern, method, name)
     try:
         allocation = get_allocation(spec.allocation)
         method_options, allocation_options = _split_options(method, allocation, spec.options, name("options"))
@@ -336,6 +411,125 @@ def validate_fields(spec: RunSpec, names: dict | None = None) -> dict:
                 quant_method=quant_method)
 
 
+def _check_recovery_fields(spec: RunSpec, pattern, method, name) -> None:
+    """The recovery settings' own values (no file or model is looked at)."""
+    from .recover import LR_SCHEDULES, SPARSITY_SCHEDULES
+
+    rc = spec.recover
+    if rc is None:
+        if spec.kind == "recover":
+            raise UsageError("a recover run needs its settings: RunSpec(kind='recover', recover=Recovery(...))")
+        return
+    if spec.kind == "eval":
+        raise UsageError(f"an eval run measures the model as it is; leave out {name('recover.steps')}")
+    if not isinstance(rc, Recovery):
+        raise UsageError(f"recover must be a Recovery, not {type(rc).__name__}")
+    if rc.mode not in RECOVER_MODES:
+        raise UsageError(f"unknown {name('recover.mode')} {rc.mode!r}; choose {' or '.join(RECOVER_MODES)}")
+    for key in ("steps", "batch_size", "grad_accum", "lora_r", "lora_alpha", "iterative", "checkpoint_every"):
+        _check_count(getattr(rc, key), name(f"recover.{key}"))
+    _check_count(rc.seqlen, name("recover.seqlen"), minimum=2)
+    _check_count(rc.warmup, name("recover.warmup"), minimum=0)
+    if rc.warmup >= rc.steps:
+        raise UsageError(f"{name('recover.warmup')} {rc.warmup} must be fewer than the {rc.steps} steps")
+    if rc.lr is not None:
+        _check_number(rc.lr, name("recover.lr"))
+        if not 0 < rc.lr < 1:
+            raise UsageError(f"{name('recover.lr')} must be in (0, 1) (got {rc.lr!r})")
+    if rc.schedule not in LR_SCHEDULES:
+        raise UsageError(f"unknown {name('recover.schedule')} {rc.schedule!r}; choose {', '.join(LR_SCHEDULES)}")
+    if rc.iterative_schedule not in SPARSITY_SCHEDULES:
+        raise UsageError(f"unknown {name('recover.iterative_schedule')} {rc.iterative_schedule!r}; choose "
+                         f"{' or '.join(SPARSITY_SCHEDULES)}")
+    if not isinstance(rc.distill, bool):
+        raise UsageError(f"{name('recover.distill')} must be true or false, not {rc.distill!r}")
+    _check_number(rc.temperature, name("recover.temperature"))
+    if not rc.temperature > 0:
+        raise UsageError(f"{name('recover.temperature')} must be positive (got {rc.temperature!r})")
+    _check_number(rc.alpha, name("recover.alpha"))
+    if not 0 <= rc.alpha <= 1:
+        raise UsageError(f"{name('recover.alpha')} must be in [0, 1] (got {rc.alpha!r})")
+    if not rc.distill and (rc.teacher is not None or rc.temperature != 1.0 or rc.alpha != 1.0):
+        raise UsageError(f"{name('recover.teacher')}, {name('recover.temperature')} and {name('recover.alpha')} "
+                         f"apply to distillation; add {name('recover.distill')}")
+    if rc.mode != "lora" and (rc.lora_r != 8 or rc.lora_alpha != 16 or rc.lora_targets):
+        raise UsageError(f"{name('recover.lora_r')}, {name('recover.lora_alpha')} and {name('recover.lora_targets')} "
+                         f"apply to {name('recover.mode')} lora")
+    if not isinstance(rc.train_data, str) or not rc.train_data.strip():
+        raise UsageError(f"{name('recover.train_data')} must be a source name")
+    if any(isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= rc.steps for step in rc.eval_at):
+        raise UsageError(f"{name('recover.eval_at')} takes steps from 1 to {rc.steps} (got "
+                         f"{','.join(map(str, rc.eval_at))})")
+    if rc.checkpoint_every is not None and not spec.checkpoint_dir:
+        raise UsageError(f"{name('recover.checkpoint_every')} needs {name('checkpoint_dir')} (where to write them)")
+    if spec.kind == "prune":
+        if method.name == "dense":
+            raise UsageError(f"{name('recover.steps')} recovers a pruned model; choose a {name('method')} other "
+                             "than dense")
+        if spec.checkpoint_dir:
+            raise UsageError(f"{name('checkpoint_dir')} with recovery in a prune run is not supported; save the pruned "
+                             f"model with {name('save_model')} and resume its recovery with `oneshot recover`")
+        if rc.iterative > 1 and (pattern.is_nm or pattern.is_structured):
+            raise UsageError(f"{name('recover.iterative')} reaches an unstructured target in stages; pattern "
+                             f"{pattern} fixes its sparsity in one go")
+    elif rc.iterative != 1 or rc.iterative_schedule != "linear":
+        raise UsageError(f"{name('recover.iterative')} belongs to a prune run: oneshot prune ... --iterative K "
+                         "--recover-steps N")
+
+
+def _check_pruned_directory(spec: RunSpec, name) -> None:
+    """A recover run reads a model saved by `oneshot prune --save-model`: a directory with its card."""
+    path = Path(spec.model).expanduser() if isinstance(spec.model, str) else None
+    if path is None or not path.is_dir():
+        raise UsageError(f"{name('model')} {spec.model}: no such directory")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{name('model')} {spec.model} is not a model directory (no config.json)")
+    card = path / "oneshot.json"
+    try:
+        lineage = json.loads(card.read_text()) if card.is_file() else None
+    except (OSError, ValueError):
+        raise UsageError(f"{card} is damaged (not JSON); save the pruned model again") from None
+    if not isinstance(lineage, dict) or "method" not in lineage or "model" not in lineage:
+        raise UsageError(f"{name('model')} {spec.model} is not a pruned model saved by oneshot (no oneshot.json "
+                         "lineage card): prune it with --save-model first")
+
+
+def _check_recovery_inputs(spec: RunSpec, fields: dict, name) -> None:
+    """The training data, the teacher and the LoRA targets, against files and the model's architecture."""
+    from calibration import SourceError, check_source
+    from .models import ModelError, model_skeleton
+    from .recover import LoraError
+    from .recover.teacher import TeacherError, check_teacher
+
+    rc = spec.recover
+    try:
+        check_source(rc.train_data, "calibration")
+    except SourceError as exc:
+        raise UsageError(f"{name('recover.train_data')}: {exc}") from None
+    if rc.train_data.startswith(("file:", "tokens:")) and rc.train_data in spec.eval.ppl:
+        raise UsageError(f"{name('recover.train_data')} {rc.train_data} is also an {name('eval.ppl')} source: "
+                         "recovery must never train on the evaluation text")
+    if rc.distill:
+        teacher = rc.teacher or (lineage_of_directory(spec.model)["model"] if spec.kind == "recover" else None)
+        try:
+            if teacher is not None:
+                check_teacher(spec.model, teacher, name("recover.teacher"))
+        except (ModelError, TeacherError) as exc:
+            raise UsageError(str(exc)) from None
+    if rc.mode == "lora":
+        from .recover.lora import check_targets
+
+        try:
+            check_targets(model_skeleton(spec.model), rc.lora_targets, name("recover.lora_targets"))
+        except (ModelError, LoraError) as exc:
+            raise UsageError(str(exc)) from None
+
+
+def lineage_of_directory(directory: str) -> dict:
+    """The lineage card (oneshot.json) of a saved model directory."""
+    return json.loads((Path(directory).expanduser() / "oneshot.json").read_text())
+
+
 def _check_quantize_fields(spec: RunSpec, method, pattern, name):
     """--quantize and its companions, and --format: returns (quantize.Grid or None, resolved quant method)."""
     from .quantize import BITS, QUANT_METHODS, Grid, resolve_quant_method
@@ -359,8 +553,11 @@ def _check_quantize_fields(spec: RunSpec, method, pattern, name):
     if not isinstance(spec.quantize, str) or spec.quantize not in BITS:
         raise UsageError(f"{name('quantize')} {spec.quantize!r} is not supported; choose {' or '.join(BITS)}")
     _check_count(spec.group_size, name("group_size"))
-    if spec.kind == "eval":
-        raise UsageError(f"an eval run measures the model as it is; leave out {name('quantize')}")
+    if spec.kind in ("eval", "recover"):
+        raise UsageError(f"an {spec.kind} run takes the model as it is; leave out {name('quantize')}")
+    if spec.recover is not None:
+        raise UsageError(f"recovery would move the weights off the {name('quantize')} grid; prune and recover with "
+                         f"--save-model, then quantise in a second run")
     if pattern.is_structured:
         raise UsageError(f"{name('quantize')} is not available with a structured {name('pattern')} yet; save the "
                          f"structured model and quantise it in a second run")
@@ -437,6 +634,8 @@ def input_paths(spec: RunSpec, name) -> list[tuple[str, Path]]:
     if not spec.model.startswith("random:") and model.exists():
         found.append((name("model"), model.resolve()))
     sources = [(name("calibration.source"), spec.calibration.source)]
+    if spec.recover is not None:
+        sources.append((name("recover.train_data"), spec.recover.train_data))
     sources += [(name("eval.ppl"), source) for source in spec.eval.ppl]
     for flag, source in sources:
         for prefix in ("file:", "tokens:"):

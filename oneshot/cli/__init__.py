@@ -1,4 +1,4 @@
-"""The command line: `oneshot prune | eval | sweep | report`. Thin: flags (and `--config RUN.yaml`)
+"""The command line: `oneshot prune | eval | recover | sweep | report`. Thin: flags (and `--config RUN.yaml`)
 become a RunSpec, and `api.run` does the work; this layer prints the table and maps failures to one
 line on stderr with an exit status (2: bad input, 1: the run could not finish, 130: interrupted).
 """
@@ -11,7 +11,7 @@ import sys
 
 from .. import __version__
 from ..errors import RunError, Terminated, UsageError
-from .prune import add_eval_parser, add_prune_parser
+from .prune import add_eval_parser, add_prune_parser, add_recover_parser
 from .sweep import add_report_parser, add_sweep_parser
 
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(commands)
     add_report_parser(commands)
     add_eval_parser(commands)
+    add_recover_parser(commands)
     return parser
 
 

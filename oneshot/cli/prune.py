@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import UsageError
-from ..spec import DTYPES, RunSpec, source_list, spec_from_mapping
+from ..spec import DTYPES, Recovery, RunSpec, source_list, spec_from_mapping
 
 # flag dest -> RunSpec field ("calibration.x" and "eval.x" for the nested ones)
 _FIELDS = {
@@ -19,6 +19,15 @@ _FIELDS = {
     "checkpoint_dir": "checkpoint_dir", "resume": "resume", "offline": "offline", "quantize": "quantize",
     "group_size": "group_size", "symmetric": "symmetric", "quant_method": "quant_method", "format": "format",
     "weights_on_disk": "weights_on_disk",
+    # recovery: `prune` spells them --recover-*, `recover` without the prefix (same dests)
+    "recover_mode": "recover.mode", "recover_steps": "recover.steps", "recover_lr": "recover.lr",
+    "recover_schedule": "recover.schedule", "recover_warmup": "recover.warmup",
+    "recover_batch_size": "recover.batch_size", "recover_seqlen": "recover.seqlen",
+    "recover_grad_accum": "recover.grad_accum", "recover_data": "recover.train_data", "distill": "recover.distill",
+    "temperature": "recover.temperature", "distill_alpha": "recover.alpha", "teacher": "recover.teacher",
+    "lora_r": "recover.lora_r", "lora_alpha": "recover.lora_alpha", "lora_targets": "recover.lora_targets",
+    "checkpoint_every": "recover.checkpoint_every", "recover_eval_at": "recover.eval_at",
+    "iterative": "recover.iterative", "iterative_schedule": "recover.iterative_schedule",
 }
 
 
@@ -85,7 +94,67 @@ def add_prune_parser(commands) -> None:
     p.add_argument("--checkpoint-dir", help="save each finished block here, so that a killed run can continue "
                                             "with --resume")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    recovery = p.add_argument_group("recovery after pruning (oneshot recover takes the same without --recover-)")
+    recovery.add_argument("--recover-steps", type=int, help="fine-tune this many steps after pruning, the zero "
+                                                            "pattern locked (per stage with --iterative)")
+    recovery.add_argument("--recover-mode", help="full (default: the block linears train) | lora (adapters, merged "
+                                                 "back sparse)")
+    recovery.add_argument("--recover-lr", type=float, help="peak learning rate (default 5e-5 full, 1e-4 lora)")
+    recovery.add_argument("--recover-schedule", help="constant | linear | cosine (default)")
+    recovery.add_argument("--recover-warmup", type=int, help="warm-up steps (default 0)")
+    recovery.add_argument("--recover-batch-size", type=int, help="windows per micro-batch (default 8)")
+    recovery.add_argument("--recover-seqlen", type=int, help="tokens per training window (default 512)")
+    recovery.add_argument("--recover-grad-accum", type=int, help="micro-batches per step (default 1)")
+    recovery.add_argument("--recover-data", help="training text, as --calibration (default wiki-offline: its "
+                                                 "calibration split, never the evaluation split)")
+    recovery.add_argument("--recover-eval-at", help="also measure perplexity after these steps, e.g. 50,100")
+    recovery.add_argument("--iterative", type=int, help="reach --sparsity in K prune-recover stages (default 1)")
+    recovery.add_argument("--iterative-schedule", help="stage sparsities: linear (default) | cubic (Zhu & Gupta)")
+    _recovery_arguments(recovery)
     p.set_defaults(handler=prune_command)
+
+
+def _recovery_arguments(p) -> None:
+    """Flags that `prune` and `recover` spell alike."""
+    p.add_argument("--distill", action="store_true",
+                   help="loss: KL to the dense base model's logits (the lineage card's model; --teacher to override)")
+    p.add_argument("--temperature", type=float, help="distillation temperature T; the KL is scaled by T^2 (default 1)")
+    p.add_argument("--distill-alpha", type=float,
+                   help="distillation's share of the loss, the rest next-token cross-entropy (default 1)")
+    p.add_argument("--teacher", help="the dense model to distil from, instead of the base model")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-targets", help="comma-separated layer names inside a block (default: the query and value "
+                                          "projections, e.g. self_attn.q_proj,self_attn.v_proj)")
+
+
+def add_recover_parser(commands) -> None:
+    p = commands.add_parser("recover", help="fine-tune a saved pruned model with its zero pattern locked",
+                            argument_default=argparse.SUPPRESS)
+    p.add_argument("--pruned", required=True, help="a directory written by `oneshot prune --save-model`")
+    p.add_argument("--save-model", help="directory for the recovered model and its card")
+    p.add_argument("--mode", dest="recover_mode", help="full (default: the block linears train) | lora (peft "
+                                                      "adapters on the query and value projections, merged back sparse)")
+    p.add_argument("--steps", dest="recover_steps", type=int, help="optimiser steps (default 100)")
+    p.add_argument("--lr", dest="recover_lr", type=float, help="peak learning rate (default 5e-5 full, 1e-4 lora)")
+    p.add_argument("--schedule", dest="recover_schedule", help="constant | linear | cosine (default)")
+    p.add_argument("--warmup", dest="recover_warmup", type=int, help="warm-up steps (default 0)")
+    p.add_argument("--batch-size", dest="recover_batch_size", type=int, help="windows per micro-batch (default 8)")
+    p.add_argument("--train-seqlen", dest="recover_seqlen", type=int, help="tokens per training window (default 512)")
+    p.add_argument("--grad-accum", dest="recover_grad_accum", type=int, help="micro-batches per step (default 1)")
+    p.add_argument("--train-data", dest="recover_data",
+                   help="training text, as --calibration: wiki-offline (default; its calibration split, never the "
+                        "evaluation split) | c4 | wikitext2 | ptb | file:PATH | tokens:PATH")
+    p.add_argument("--eval-at", dest="recover_eval_at", help="also measure perplexity after these steps, e.g. 50,100")
+    _recovery_arguments(p)
+    p.add_argument("--seqlen", type=int, help="tokens per perplexity window (default 2048)")
+    p.add_argument("--seed", type=int, help="seed of the training windows and of LoRA's initial adapters (default 0)")
+    p.add_argument("--checkpoint-dir", help="write the training state here every --checkpoint-every steps")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: a tenth of the steps)")
+    p.add_argument("--resume", action="store_true", help="continue the recovery saved in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of existing output directories")
+    _common_arguments(p)
+    p.set_defaults(handler=recover_command)
 
 
 def add_eval_parser(commands) -> None:
@@ -106,7 +175,7 @@ def spec_from_args(args: argparse.Namespace, base: RunSpec) -> RunSpec:
     given = vars(args)
     top, calibration, evaluation = {}, dataclasses.replace(base.calibration), dataclasses.replace(base.eval)
     for dest, field in _FIELDS.items():
-        if dest not in given:
+        if dest not in given or field.startswith("recover."):  # recovery: _recovery_from_args
             continue
         value = given[dest]
         if dest == "eval_ppl":
@@ -127,7 +196,31 @@ def spec_from_args(args: argparse.Namespace, base: RunSpec) -> RunSpec:
         top["options"] = options
     if given.get("quiet"):
         top["progress"] = False
+    recover = _recovery_from_args(given, base)
+    if recover is not None:
+        top["recover"] = recover
     return base.replace(calibration=calibration, eval=evaluation, **top)
+
+
+def _recovery_from_args(given: dict, base: RunSpec) -> Recovery | None:
+    """The recovery flags applied to the base's settings; a prune run recovers only with --recover-steps."""
+    changes = {field.split(".")[1]: given[dest] for dest, field in _FIELDS.items()
+               if field.startswith("recover.") and dest in given}
+    if not changes:
+        return None
+    if base.recover is None and "steps" not in changes and "iterative" not in changes:
+        first = next(dest for dest, field in _FIELDS.items() if field.startswith("recover.") and dest in given)
+        raise UsageError(f"--{first.replace('_', '-')} applies to recovery; add --recover-steps N")
+    for key in ("lora_targets", "eval_at"):
+        if key in changes:
+            items = [item.strip() for item in str(changes[key]).split(",") if item.strip()]
+            if key == "eval_at":
+                if not all(item.isdigit() for item in items):
+                    raise UsageError(f"--{'recover-' if base.kind == 'prune' else ''}eval-at takes step numbers, "
+                                     f"e.g. 50,100 (got {changes[key]!r})")
+                items = [int(item) for item in items]
+            changes[key] = tuple(items)
+    return dataclasses.replace(base.recover or Recovery(), **changes)
 
 
 def prune_command(args) -> int:
@@ -139,6 +232,17 @@ def prune_command(args) -> int:
         path = Path(args.config).expanduser()
         base = spec_from_mapping(read_yaml(path, "run config"), f"run config {path}", relative_to=path.parent.resolve())
     record = run(spec_from_args(args, base))
+    print_table(record.to_dict())
+    return 0
+
+
+def recover_command(args) -> int:
+    from ..api import run
+    from ..spec import RECOVER_FLAG_NAMES
+
+    args.model = args.pruned
+    spec = spec_from_args(args, RunSpec(kind="recover", method="dense", recover=Recovery()))
+    record = run(spec, names=RECOVER_FLAG_NAMES)
     print_table(record.to_dict())
     return 0
 
@@ -182,6 +286,10 @@ def print_table(result: dict) -> None:
     if result["timings"].get("prune_s"):
         header.append("prune s")
         row.append(f"{result['timings']['prune_s']:.1f}")
+    recovery = result.get("recovery")
+    if recovery:  # the perplexity columns above are after recovery; before it, beside
+        header += [f"before recovery {s}" for s in recovery["ppl_before"]] + ["recover s/step"]
+        row += [f"{v:.3f}" for v in recovery["ppl_before"].values()] + [f"{recovery['seconds_per_step']:.2f}"]
     widths = [max(len(h), len(c)) for h, c in zip(header, row)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("  ".join(c.ljust(w) for c, w in zip(row, widths)))

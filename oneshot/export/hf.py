@@ -16,7 +16,7 @@ from ..paths import share_like_save_pretrained
 
 LINEAGE_KEYS = ("model", "model_source", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
                 "seed", "ppl", "versions", "options", "allocation", "sparsity_block_weights", "sparsity_model",
-                "structure", "quantization")
+                "structure", "quantization", "recovery", "stages")
 
 
 def lineage_of(record: dict) -> dict:
@@ -104,6 +104,16 @@ def lineage_card(lineage: dict) -> str:
         f"{calibration.get('seqlen', 0)} tokens, seed {lineage['seed']}",
     ]
     lines += [f"- perplexity on {source}: {value:.3f}" for source, value in lineage["ppl"].items()]
+    recovery = lineage.get("recovery")
+    if recovery:
+        how = recovery["mode"] + (f", distilled from {recovery['distill']['teacher']}" if recovery.get("distill") else "")
+        before = ", ".join(f"{s} {v:.3f}" for s, v in recovery["ppl_before"].items()) or "not measured"
+        lines.append(f"- recovered after pruning ({how}): {recovery['steps']} steps, {recovery['tokens']:,} tokens of "
+                     f"{recovery['data']}, peak lr {recovery['lr']:g}; perplexity before recovery: {before}; "
+                     f"sparsity after {recovery['sparsity_after']:.4f} (the pruned zero pattern kept exactly)")
+    for stage in lineage.get("stages") or []:
+        lines.append(f"- stage {stage['stage']}: pruned to {stage['sparsity']:.4f}, perplexity "
+                     + ", ".join(f"{s} {v:.3f}" for s, v in stage["ppl_pruned"].items()) + " before recovery")
     if lineage.get("zeroshot") and lineage["zeroshot"]["mean_acc"] is not None:
         zeroshot = lineage["zeroshot"]
         limit = f", at most {zeroshot['limit']} documents per task" if zeroshot["limit"] else ""
