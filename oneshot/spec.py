@@ -697,7 +697,8 @@ def resolve_dtype(text: str, device: str, model: str, model_kind: str):
 
 RUN_KEYS = ("model", "method", "options", "sparsity", "pattern", "allocation", "sequential", "calibration", "eval", "seed", "device",
             "dtype", "batch_size", "output", "save_model", "overwrite", "checkpoint_dir", "resume", "offline", "quantize",
-            "group_size", "symmetric", "quant_method", "format", "weights_on_disk")
+            "group_size", "symmetric", "quant_method", "format", "weights_on_disk", "recover")
+RECOVER_KEYS = tuple(f.name for f in dataclasses.fields(Recovery))
 CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
 EVAL_KEYS = ("ppl", "samples", "tasks", "limit", "batch_size")
 
@@ -743,6 +744,20 @@ def spec_from_mapping(data: dict, where: str, base: RunSpec | None = None, relat
         if raw.get("tasks") is not None:
             tasks = raw["tasks"]
             evaluation.tasks = ",".join(tasks) if isinstance(tasks, list) else str(tasks)
+    if data.get("recover") is not None:
+        raw = data["recover"]
+        check_keys(raw, RECOVER_KEYS, "recover.", where)
+        values = {key: value for key, value in raw.items() if value is not None}
+        for key in ("lora_targets", "eval_at"):
+            if key in values:
+                items = values[key].split(",") if isinstance(values[key], str) else values[key]
+                if not isinstance(items, list):
+                    raise UsageError(f"{where}: recover.{key} must be a list")
+                values[key] = tuple(int(i) if key == "eval_at" and str(i).strip().isdigit() else
+                                    (i.strip() if isinstance(i, str) else i) for i in items)
+        if isinstance(values.get("train_data"), str):
+            values["train_data"] = resolve_source(values["train_data"], relative_to)
+        changes["recover"] = dataclasses.replace(spec.recover or Recovery(), **values)
     return spec.replace(calibration=calibration, eval=evaluation, **changes)
 
 

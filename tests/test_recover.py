@@ -206,6 +206,19 @@ def test_prune_then_recover_in_one_run(extra, tmp_path):
     assert all(math.isfinite(v) for v in recovery["ppl_after"].values())
 
 
+def test_recovery_from_a_run_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: random:tiny-llama\nmethod: magnitude\nsparsity: 0.5\n"
+                      "calibration: {nsamples: 2, seqlen: 32}\neval: {samples: 1}\n"
+                      "recover: {mode: lora, steps: 2, batch_size: 2, seqlen: 32, eval_at: [1]}\n")
+    assert main(["prune", "--config", str(config), "--quiet", "--recover-lr", "1e-3", "--output", str(tmp_path / "o")]) == 0
+    recovery = json.loads((tmp_path / "o" / "result.json").read_text())["recovery"]
+    assert recovery["mode"] == "lora" and recovery["lr"] == 1e-3 and list(recovery["ppl_at"]) == ["1"]
+    assert recovery["lora"]["targets"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    (tmp_path / "bad.yaml").write_text("model: random:tiny-llama\nrecover: {stepz: 2}\n")
+    assert main(["prune", "--config", str(tmp_path / "bad.yaml")]) == 2
+
+
 def _snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(root.rglob("*"))}
