@@ -30,7 +30,9 @@ def _obs_block_kernel(
         pruned = ((tile * tile * inv_d2[:, None]) <= thresh) & valid
     q_tile = tl.zeros([B, ROWS], dtype=tl.float32)
     e_tile = tl.zeros([B, ROWS], dtype=tl.float32)
-    for i in range(0, width):
+    # Walk all B columns (B is a constexpr) and mask the ones past `width`: Triton's interpreter cannot
+    # take a runtime argument as a loop bound, and a padded column changes nothing (its error is 0).
+    for i in range(0, B):
         if STRUCTURED:
             if i % M == 0:
                 scores = tile * tile * inv_d2[:, None]
@@ -48,7 +50,7 @@ def _obs_block_kernel(
         w = tl.sum(tl.where(here, tile, 0.0), axis=0)
         m = tl.sum(tl.where(here & pruned, 1, 0), axis=0) > 0
         q = tl.where(m, 0.0, w)
-        d_i = tl.load(U + i * ldu + i)
+        d_i = tl.load(U + i * ldu + i, mask=i < width, other=1.0)
         err = (w - q) / d_i
         u = tl.load(U + i * ldu + c, mask=(c >= i) & (c < width), other=0.0)
         tile = tile - u[:, None] * err[None, :]
