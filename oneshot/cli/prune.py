@@ -131,21 +131,21 @@ def _recovery_arguments(p) -> None:
 def add_recover_parser(commands) -> None:
     p = commands.add_parser("recover", help="fine-tune a saved pruned model with its zero pattern locked",
                             argument_default=argparse.SUPPRESS)
-    p.add_argument("--pruned", required=True, help="a directory written by `oneshot prune --save-model`")
+    p.add_argument("--pruned", required=True, metavar="DIR", help="a directory written by `oneshot prune --save-model`")
     p.add_argument("--save-model", help="directory for the recovered model and its card")
-    p.add_argument("--mode", dest="recover_mode", help="full (default: the block linears train) | lora (peft "
+    p.add_argument("--mode", dest="recover_mode", metavar="MODE", help="full (default: the block linears train) | lora (peft "
                                                       "adapters on the query and value projections, merged back sparse)")
-    p.add_argument("--steps", dest="recover_steps", type=int, help="optimiser steps (default 100)")
-    p.add_argument("--lr", dest="recover_lr", type=float, help="peak learning rate (default 5e-5 full, 1e-4 lora)")
-    p.add_argument("--schedule", dest="recover_schedule", help="constant | linear | cosine (default)")
-    p.add_argument("--warmup", dest="recover_warmup", type=int, help="warm-up steps (default 0)")
-    p.add_argument("--batch-size", dest="recover_batch_size", type=int, help="windows per micro-batch (default 8)")
-    p.add_argument("--train-seqlen", dest="recover_seqlen", type=int, help="tokens per training window (default 512)")
-    p.add_argument("--grad-accum", dest="recover_grad_accum", type=int, help="micro-batches per step (default 1)")
-    p.add_argument("--train-data", dest="recover_data",
+    p.add_argument("--steps", dest="recover_steps", metavar="N", type=int, help="optimiser steps (default 100)")
+    p.add_argument("--lr", dest="recover_lr", metavar="LR", type=float, help="peak learning rate (default 5e-5 full, 1e-4 lora)")
+    p.add_argument("--schedule", dest="recover_schedule", metavar="SCHEDULE", help="constant | linear | cosine (default)")
+    p.add_argument("--warmup", dest="recover_warmup", metavar="W", type=int, help="warm-up steps (default 0)")
+    p.add_argument("--batch-size", dest="recover_batch_size", metavar="B", type=int, help="windows per micro-batch (default 8)")
+    p.add_argument("--train-seqlen", dest="recover_seqlen", metavar="L", type=int, help="tokens per training window (default 512)")
+    p.add_argument("--grad-accum", dest="recover_grad_accum", metavar="A", type=int, help="micro-batches per step (default 1)")
+    p.add_argument("--train-data", dest="recover_data", metavar="SOURCE",
                    help="training text, as --calibration: wiki-offline (default; its calibration split, never the "
                         "evaluation split) | c4 | wikitext2 | ptb | file:PATH | tokens:PATH")
-    p.add_argument("--eval-at", dest="recover_eval_at", help="also measure perplexity after these steps, e.g. 50,100")
+    p.add_argument("--eval-at", dest="recover_eval_at", metavar="S,S", help="also measure perplexity after these steps, e.g. 50,100")
     _recovery_arguments(p)
     p.add_argument("--seqlen", type=int, help="tokens per perplexity window (default 2048)")
     p.add_argument("--seed", type=int, help="seed of the training windows and of LoRA's initial adapters (default 0)")
