@@ -25,10 +25,10 @@ RUN sgpt-50-q4_0      --method sparsegpt --sparsity 0.5 --quantize int4 --group-
 for name in int8 sgpt-24-int4-joint; do
   echo "== reload $name: oneshot eval --pruned $OUT/$name/model"
   nice -n 10 env OMP_NUM_THREADS=1 python -m oneshot eval --pruned "$OUT/$name/model" --seqlen 256 --eval-samples 16 \
-      --quiet --overwrite --output "$OUT/$name/reload"
+      --quiet --output "$OUT/$name/reload"
 done
 for name in sgpt-50-q4_0; do
   echo "== reload $name: oneshot eval --model $OUT/$name/model/model.gguf"
   nice -n 10 env OMP_NUM_THREADS=1 python -m oneshot eval --model "$OUT/$name/model/model.gguf" --seqlen 256 \
-      --eval-samples 16 --quiet --overwrite --output "$OUT/$name/reload"
+      --eval-samples 16 --quiet --output "$OUT/$name/reload"
 done
