@@ -172,6 +172,19 @@ def test_interrupted_json_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert json.loads(target.read_text()) == {"old": True} and list(tmp_path.iterdir()) == [target]
 
 
+def test_interrupted_write_removes_the_folders_it_created(tmp_path, monkeypatch):
+    """A signal between creating the output folder and the rename leaves no empty folder behind."""
+    from oneshot import atomic
+
+    (tmp_path / "kept").mkdir()
+    monkeypatch.setattr(atomic.os, "fsync", lambda _fd: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_atomic(tmp_path / "out" / "nested" / "result.json", b"{}")
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_atomic(tmp_path / "kept" / "result.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_run_too_large_for_memory_stops_before_any_work(tmp_path, capsys):
     code, _, err = _cli(["prune", "--model", "random:tiny-llama", "--nsamples", "2000000", "--seqlen", "256",
                          "--quiet", "--output", str(tmp_path / "o")], capsys)
