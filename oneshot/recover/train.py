@@ -32,7 +32,7 @@ from .schedule import lr_factor
 class TrainSettings:
     mode: str = "full"  # full | lora
     steps: int = 100
-    lr: float = 2e-5
+    lr: float = 5e-5  # full mode's documented default (spec.DEFAULT_LR); run() always passes the resolved one
     schedule: str = "cosine"
     warmup: int = 0
     batch_size: int = 8
