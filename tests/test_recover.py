@@ -107,6 +107,24 @@ def test_self_distillation_has_zero_kl():
     assert result.loss_curve[0] == 0.0
 
 
+def test_evaluations_inside_the_loop_are_not_training_time(monkeypatch):
+    """seconds (and so seconds per step) counts the steps only: a fake clock that only an evaluation
+    advances must give zero training seconds, and the evaluation still sees the model at its step."""
+    import sys
+    loop = sys.modules["oneshot.recover.train"]  # the module (the package exports the function as train)
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+
+    def evaluate(model):
+        clock[0] += 100.0
+        return {"ok": 1.0}
+
+    result = train(pruned_tiny(), toy_windows(), TrainSettings(steps=3, lr=1e-3, batch_size=2), progress=False,
+                   evaluate_at=(1, 2), evaluate=evaluate)
+    assert clock[0] == 200.0 and sorted(result.evaluations) == [1, 2]
+    assert result.seconds == 0.0
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_resume_is_bitwise_equal(mode, tmp_path):
     settings = TrainSettings(mode=mode, steps=4, lr=1e-2, batch_size=2, checkpoint_every=2)

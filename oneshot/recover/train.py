@@ -58,7 +58,7 @@ class TrainSettings:
 class TrainResult:
     model: nn.Module  # the same object for full; for lora, the plain model the adapters were merged into
     loss_curve: list[float]
-    seconds: float  # of this process's steps (a resumed run counts only its own)
+    seconds: float  # of this process's steps, evaluations excluded (a resumed run counts only its own)
     steps_run: int
     resumed_from: int
     tokens_per_step: int
@@ -182,7 +182,7 @@ def train(model: nn.Module, windows: torch.Tensor, settings: TrainSettings, devi
     bar = tqdm(range(start, settings.steps), initial=start, total=settings.steps, desc=f"recover {settings.mode}",
                unit="step", disable=not progress, leave=False)
     started = time.perf_counter()
-    last = start
+    last, eval_seconds = start, 0.0  # evaluations inside the loop are not training time
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -207,17 +207,19 @@ def train(model: nn.Module, windows: torch.Tensor, settings: TrainSettings, devi
             apply_masks(model, masks)  # pruned weights back to exactly 0 after every step
         curve.append(total)
         last = step + 1
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started - eval_seconds
         bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(last - start) * tokens_per_step / max(elapsed, 1e-9):.0f}")
         if checkpoint is not None and settings.checkpoint_every and last % settings.checkpoint_every == 0 \
                 and last < settings.steps:
             checkpoint.save(last, trainable, optimizer, scheduler, curve)
         if evaluate is not None and last in evaluate_at and last < settings.steps:
+            evaluated = time.perf_counter()
             evaluations[last] = _evaluate_as_saved(model, masks, settings.mode, evaluate)
+            eval_seconds += time.perf_counter() - evaluated
             model.train()
         if stop_after is not None and last >= stop_after:
             break
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - eval_seconds
     bar.close()
     model.eval()
     if settings.mode == "lora":
