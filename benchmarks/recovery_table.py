@@ -34,7 +34,8 @@ CONFIGS = {
     "width25": ("wanda", "width", 0.25),
     "iter70": ("sparsegpt", "unstructured", 0.7),  # iterative K=3 vs one-shot, same total steps
 }
-MODES = {"full": dict(mode="full"), "lora": dict(mode="lora"), "distill": dict(mode="full", distill=True)}
+MODES = {"full": dict(mode="full"), "lora": dict(mode="lora"), "lora-dense": dict(mode="lora", lora_update="dense"),
+         "distill": dict(mode="full", distill=True)}
 
 
 def _common(args, evaluate: bool = True) -> dict:
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--configs", default="sgpt60,sgpt70,sgpt24,width25,iter70")
-    parser.add_argument("--modes", default="full,lora,distill")
+    parser.add_argument("--modes", default="full,lora,distill",
+                        help="full | lora (masked update) | lora-dense (peft's update, masked at the merge) | distill")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-at", default="50,100", help="steps (below --steps) with a perplexity measurement")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         print(markdown_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
         return 0
     args.eval_at = [int(s) for s in args.eval_at.split(",") if s.strip()]
-    args.lr = {"full": args.lr_full, "distill": args.lr_full, "lora": args.lr_lora}
+    args.lr = {"full": args.lr_full, "distill": args.lr_full, "lora": args.lr_lora, "lora-dense": args.lr_lora}
     out, cache = Path(args.out), Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     configs, modes = args.configs.split(","), args.modes.split(",")

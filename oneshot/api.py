@@ -329,7 +329,7 @@ def _recover(plan: Plan, loaded, seqlen, teacher, timings: dict, stage: int = 0)
     settings = TrainSettings(mode=rc.mode, steps=rc.steps, lr=rc.peak_lr, schedule=rc.schedule, warmup=rc.warmup,
                              batch_size=rc.batch_size, grad_accum=rc.grad_accum, seed=spec.seed + stage,
                              temperature=rc.temperature, alpha=rc.alpha, lora_r=rc.lora_r, lora_alpha=rc.lora_alpha,
-                             lora_targets=tuple(rc.lora_targets))
+                             lora_targets=tuple(rc.lora_targets), lora_update=rc.lora_update)
     checkpoint = None
     if spec.checkpoint_dir:
         settings.checkpoint_every = rc.checkpoint_every or max(1, rc.steps // 10)
@@ -355,7 +355,7 @@ def _recover(plan: Plan, loaded, seqlen, teacher, timings: dict, stage: int = 0)
         "seed": settings.seed,
         "distill": {"teacher": rc.teacher or (spec.model if spec.kind == "prune" else _lineage(spec.model)["model"]),
                     "temperature": rc.temperature, "alpha": rc.alpha} if rc.distill else None,
-        "lora": {"r": rc.lora_r, "alpha": rc.lora_alpha, "dropout": settings.lora_dropout,
+        "lora": {"r": rc.lora_r, "alpha": rc.lora_alpha, "dropout": settings.lora_dropout, "update": rc.lora_update,
                  "targets": list(result.lora_targets)} if rc.mode == "lora" else None,
         "loss_curve": curve[::every], "loss_curve_every": every,
         "seconds": result.seconds, "seconds_per_step": result.seconds / max(1, result.steps_run),

@@ -38,7 +38,8 @@ FLAG_NAMES = {
     "recover.grad_accum": "--recover-grad-accum", "recover.train_data": "--recover-data",
     "recover.distill": "--distill", "recover.temperature": "--temperature", "recover.alpha": "--distill-alpha",
     "recover.teacher": "--teacher", "recover.lora_r": "--lora-r", "recover.lora_alpha": "--lora-alpha",
-    "recover.lora_targets": "--lora-targets", "recover.checkpoint_every": "--checkpoint-every",
+    "recover.lora_targets": "--lora-targets", "recover.lora_update": "--lora-update",
+    "recover.checkpoint_every": "--checkpoint-every",
     "recover.eval_at": "--recover-eval-at", "recover.iterative": "--iterative",
     "recover.iterative_schedule": "--iterative-schedule",
 }
@@ -49,6 +50,7 @@ RECOVER_FLAG_NAMES = dict(FLAG_NAMES, **{
     "recover.eval_at": "--eval-at",
 })
 RECOVER_MODES = ("full", "lora")
+LORA_UPDATES = ("masked", "dense")  # recover/lora.py
 # Peak learning rates: LoRA's is Wanda's recipe (1e-4); full fine-tuning moves every kept weight, so less.
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-4}
 FORMATS = ("hf", "compressed-tensors", "gguf")
@@ -92,6 +94,7 @@ class Recovery:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple = ()  # () : the family's query and value projections
+    lora_update: str = "masked"  # masked: adapters train the saved (masked) model | dense: peft's, masked at merge
     checkpoint_every: int | None = None  # with checkpoint_dir: every this many steps (default: every 10% of steps)
     eval_at: tuple = ()  # steps at which perplexity is also measured (besides before and after)
     iterative: int = 1  # prune runs: reach the target in this many prune-recover stages
@@ -193,8 +196,8 @@ class RunSpec:
         names = RECOVER_FLAG_NAMES if self.kind == "recover" else FLAG_NAMES
         default, argv = Recovery(), []
         for key in ("mode", "steps", "lr", "schedule", "warmup", "batch_size", "seqlen", "grad_accum", "train_data",
-                    "temperature", "alpha", "teacher", "lora_r", "lora_alpha", "lora_targets", "checkpoint_every",
-                    "eval_at", "iterative", "iterative_schedule"):
+                    "temperature", "alpha", "teacher", "lora_r", "lora_alpha", "lora_targets", "lora_update",
+                    "checkpoint_every", "eval_at", "iterative", "iterative_schedule"):
             value = getattr(self.recover, key)
             if key == "steps" or value != getattr(default, key):
                 text = ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
@@ -452,9 +455,11 @@ def _check_recovery_fields(spec: RunSpec, pattern, method, name) -> None:
     if not rc.distill and (rc.teacher is not None or rc.temperature != 1.0 or rc.alpha != 1.0):
         raise UsageError(f"{name('recover.teacher')}, {name('recover.temperature')} and {name('recover.alpha')} "
                          f"apply to distillation; add {name('recover.distill')}")
-    if rc.mode != "lora" and (rc.lora_r != 8 or rc.lora_alpha != 16 or rc.lora_targets):
-        raise UsageError(f"{name('recover.lora_r')}, {name('recover.lora_alpha')} and {name('recover.lora_targets')} "
-                         f"apply to {name('recover.mode')} lora")
+    if rc.lora_update not in LORA_UPDATES:
+        raise UsageError(f"unknown {name('recover.lora_update')} {rc.lora_update!r}; choose {' or '.join(LORA_UPDATES)}")
+    if rc.mode != "lora" and (rc.lora_r != 8 or rc.lora_alpha != 16 or rc.lora_targets or rc.lora_update != "masked"):
+        raise UsageError(f"{name('recover.lora_r')}, {name('recover.lora_alpha')}, {name('recover.lora_targets')} "
+                         f"and {name('recover.lora_update')} apply to {name('recover.mode')} lora")
     if not isinstance(rc.train_data, str) or not rc.train_data.strip():
         raise UsageError(f"{name('recover.train_data')} must be a source name")
     if any(isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= rc.steps for step in rc.eval_at):

@@ -14,7 +14,7 @@ from oneshot.cli import main
 from oneshot.methods import parse_pattern
 from oneshot.methods.magnitude import magnitude_prune
 from oneshot.models import build_random_model, decoder_blocks, get_weight, prunable_layers, set_weight
-from oneshot.recover import (TrainCheckpoint, TrainSettings, capture_masks, distillation_loss, lr_factor,
+from oneshot.recover import (TrainCheckpoint, TrainSettings, apply_masks, capture_masks, distillation_loss, lr_factor,
                              next_token_loss, recovery_loss, stage_sparsity, train, zero_fraction)
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--eval-samples", "1", "--quiet"]
@@ -91,6 +91,32 @@ def test_masks_stay_locked(mode, pattern):
             for layer in prunable_layers(block).values():
                 groups = get_weight(layer).reshape(-1, 4)
                 assert bool(((groups == 0).sum(dim=1) >= 2).all())
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_masked_lora_trains_the_model_that_is_saved(preset):
+    """With the masked update the adapted model and the merged, re-masked one give the same logits (what
+    trained is what is saved); with peft's dense update the merge's masking changes them."""
+    from oneshot.recover import lora
+
+    ids = toy_windows(2, 16)
+    for update, same in (("masked", True), ("dense", False)):
+        model = pruned_tiny(preset=preset)
+        masks = capture_masks(model)
+        torch.manual_seed(1)
+        wrapped = lora.wrap(model, lora.default_targets(model), masks=masks, update=update)
+        with torch.no_grad():
+            for name, parameter in wrapped.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.5)  # a trained adapter: B is no longer zero
+        wrapped.eval()
+        with torch.no_grad():
+            adapted = wrapped(input_ids=ids).logits
+            merged = lora.merge(wrapped)
+            apply_masks(merged, masks)
+            saved = merged(input_ids=ids).logits
+        assert torch.allclose(adapted, saved, atol=1e-5) == same, update
+        assert not any(hasattr(module, lora.KEEP) for module in merged.modules())
 
 
 def test_loss_falls_on_a_learnable_corpus():
@@ -256,6 +282,8 @@ BAD = [
     (["recover", "--pruned", "{model}", "--distill", "--distill-alpha", "2"], "--distill-alpha must be in [0, 1]"),
     (["recover", "--pruned", "{model}", "--temperature", "2"], "add --distill"),
     (["recover", "--pruned", "{model}", "--lora-r", "4"], "apply to --mode lora"),
+    (["recover", "--pruned", "{model}", "--lora-update", "dense"], "apply to --mode lora"),
+    (["recover", "--pruned", "{model}", "--mode", "lora", "--lora-update", "sparse"], "unknown --lora-update 'sparse'"),
     (["recover", "--pruned", "{model}", "--train-data", "tokens:{tmp}/none.pt"], "no such file"),
     (["recover", "--pruned", "{model}", "--train-data", "tokens:{tmp}/toy.pt", "--eval-ppl", "tokens:{tmp}/toy.pt"],
      "never train on the evaluation text"),

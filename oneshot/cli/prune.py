@@ -26,6 +26,7 @@ _FIELDS = {
     "recover_grad_accum": "recover.grad_accum", "recover_data": "recover.train_data", "distill": "recover.distill",
     "temperature": "recover.temperature", "distill_alpha": "recover.alpha", "teacher": "recover.teacher",
     "lora_r": "recover.lora_r", "lora_alpha": "recover.lora_alpha", "lora_targets": "recover.lora_targets",
+    "lora_update": "recover.lora_update",
     "checkpoint_every": "recover.checkpoint_every", "recover_eval_at": "recover.eval_at",
     "iterative": "recover.iterative", "iterative_schedule": "recover.iterative_schedule",
 }
@@ -126,6 +127,9 @@ def _recovery_arguments(p) -> None:
     p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 16)")
     p.add_argument("--lora-targets", help="comma-separated layer names inside a block (default: the query and value "
                                           "projections, e.g. self_attn.q_proj,self_attn.v_proj)")
+    p.add_argument("--lora-update", help="masked (default: the adapters' update is masked to the kept weights in the "
+                                         "forward, so they train the model that is saved) | dense (peft's plain "
+                                         "update; the pruned part of it is dropped at the merge)")
 
 
 def add_recover_parser(commands) -> None:

@@ -5,6 +5,13 @@ pruned weights stay frozen; at the end they are merged into the weights (`merge_
 masks are re-applied by the caller, because a dense update B @ A would otherwise refill every pruned
 weight (locuslab/wanda#83: 40% sparse became 32.7% after merging). Which layers are "query" and
 "value" comes from the family's structure map; peft is imported only when LoRA is used.
+
+Two updates (`update`):
+- "masked" (default): each adapted layer computes W x + ((B A s) * keep) dropout(x), the update masked
+  to the kept weights in the forward (as SPP, Lu et al. 2024, and SQFT, Munoz et al. 2024, do), so the
+  adapters train exactly the model that is saved: the masked merge changes nothing;
+- "dense": peft's own layer, W x + B A s dropout(x); the merge then drops the part of B A that falls on
+  pruned weights (at 70% sparsity, most of it), so the saved model is not the one that was trained.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ DEFAULT_R = 8
 DEFAULT_ALPHA = 16
 DEFAULT_DROPOUT = 0.05
 FALLBACK_TARGETS = ("q_proj", "v_proj")
+UPDATES = ("masked", "dense")
+KEEP = "oneshot_keep"  # the attribute that carries a base layer's mask while it is adapted
 
 
 class LoraError(ValueError):
@@ -55,15 +64,26 @@ def check_targets(model: nn.Module, targets, flag: str = "--lora-targets") -> tu
 
 
 def wrap(model: nn.Module, targets, r: int = DEFAULT_R, alpha: int = DEFAULT_ALPHA,
-         dropout: float = DEFAULT_DROPOUT) -> nn.Module:
-    """The model with adapters on `targets` (only they train); the adapters' A draws from torch's RNG."""
+         dropout: float = DEFAULT_DROPOUT, masks: dict | None = None, update: str = "masked") -> nn.Module:
+    """The model with adapters on `targets` (only they train); the adapters' A draws from torch's RNG.
+    `masks` (name -> keep, from masks.capture_masks) is what a "masked" update is restricted to."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise LoraError("--mode lora needs the peft package: pip install 'oneshot[recover]'") from None
     import warnings
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    if update not in UPDATES:
+        raise LoraError(f"unknown LoRA update {update!r}; choose {' or '.join(UPDATES)}")
+    conv1d = any(type(layer).__name__ == "Conv1D" for layer in prunable_layers(decoder_blocks(model)[0]).values())
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
+                        fan_in_fan_out=conv1d)  # GPT-2's Conv1D keeps weights as [in, out]
+    if update == "masked" and masks:
+        from .masks import masked_layers
+
+        for layer, keep in masked_layers(model, masks):
+            setattr(layer, KEEP, keep)
+        config._register_custom_module({type(layer): _masked_lora_class() for layer, _ in masked_layers(model, masks)})
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config)
@@ -71,4 +91,40 @@ def wrap(model: nn.Module, targets, r: int = DEFAULT_R, alpha: int = DEFAULT_ALP
 
 def merge(wrapped: nn.Module) -> nn.Module:
     """The plain model with the adapters added into its weights (dense: re-apply the masks after)."""
-    return wrapped.merge_and_unload()
+    model = wrapped.merge_and_unload()
+    for module in model.modules():
+        if hasattr(module, KEEP):
+            delattr(module, KEEP)
+    return model
+
+
+_MASKED_LORA = None
+
+
+def _masked_lora_class():
+    """peft's LoRA Linear with the update masked in the forward (built once, when peft is first used)."""
+    global _MASKED_LORA
+    if _MASKED_LORA is None:
+        import torch
+        from peft.tuners.lora.layer import Linear
+
+        class MaskedLoraLinear(Linear):
+            """W x + ((B A s) * keep) dropout(x): the adapters can only move weights the mask keeps."""
+
+            def forward(self, x, *args, **kwargs):
+                base = self.get_base_layer()
+                keep = getattr(base, KEEP, None)
+                if keep is None or self.disable_adapters or self.merged or "adapter_names" in kwargs:
+                    return super().forward(x, *args, **kwargs)
+                result = base(x, *args, **kwargs)
+                for adapter in self.active_adapters:
+                    if adapter not in self.lora_A:
+                        continue
+                    delta = self.get_delta_weight(adapter) * keep.to(result.device)  # in the weight's own layout
+                    inputs = self.lora_dropout[adapter](x.to(delta.dtype))
+                    update = inputs @ delta if self.fan_in_fan_out else torch.nn.functional.linear(inputs, delta)
+                    result = result + update.to(result.dtype)
+                return result
+
+        _MASKED_LORA = MaskedLoraLinear
+    return _MASKED_LORA

@@ -25,6 +25,18 @@ def masked_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return found
 
 
+def masked_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[tuple[nn.Module, torch.Tensor]]:
+    """(layer, keep) for every prunable layer of the blocks whose weight has a mask in `masks`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = []
+    for block in decoder_blocks(model):
+        for layer in prunable_layers(block).values():
+            name = names.get(id(layer_parameter(layer)))
+            if name in masks:
+                found.append((layer, masks[name]))
+    return found
+
+
 def capture_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> bool tensor, True where the weight is kept (non-zero)."""
     return {name: parameter.detach() != 0 for name, parameter in masked_parameters(model).items()}

@@ -46,6 +46,7 @@ class TrainSettings:
     lora_alpha: int = lora.DEFAULT_ALPHA
     lora_dropout: float = lora.DEFAULT_DROPOUT
     lora_targets: tuple = ()  # () -> the family's query and value projections
+    lora_update: str = "masked"  # masked: the adapters' update is masked in the forward | dense (lora.py)
     checkpoint_every: int | None = None
 
     def fingerprint(self) -> dict:
@@ -154,7 +155,8 @@ def train(model: nn.Module, windows: torch.Tensor, settings: TrainSettings, devi
     model.requires_grad_(False)
     if settings.mode == "lora":
         targets = lora.check_targets(model, settings.lora_targets)
-        model = lora.wrap(model, targets, settings.lora_r, settings.lora_alpha, settings.lora_dropout)
+        model = lora.wrap(model, targets, settings.lora_r, settings.lora_alpha, settings.lora_dropout, masks,
+                          settings.lora_update)
         trainable = {n: p for n, p in model.named_parameters() if "lora_" in n}
         for p in trainable.values():
             p.requires_grad_(True)
