@@ -151,7 +151,7 @@ def markdown_table(rows: list[dict]) -> str:
     # the dense perplexity on the same evaluation windows as each row (the gap it closes is to that one)
     dense_at = {(r.get("eval_samples", 16), r.get("eval_seqlen", 512)): r["ppl_after"] for r in rows
                 if r["config"] == "dense"}
-    steps = sorted({int(s) for r in rows for s in r.get("ppl_at", {})})
+    steps = sorted({int(s) for r in rows if not r.get("stages") for s in r.get("ppl_at", {})})
     lines = ["dense perplexity: " + ", ".join(f"{v:.2f} ({n} windows of {L})" for (n, L), v in dense_at.items()), "",
              "| config | mode | batch x seqlen | ppl before | " + " | ".join(f"ppl @{s}" for s in steps)
              + " | gap closed | s/step | sparsity after | eval windows |",
@@ -159,7 +159,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         if r["config"] == "dense":
             continue
-        if r["mode"] == "none":  # the pruning itself: its perplexity is the recoveries' "ppl before"
+        if r["mode"] == "none" or r.get("stages"):  # the pruning itself; iterative runs: their own table below
             continue
         at = [f"{r['ppl_at'][str(s)]:.2f}" if str(s) in r["ppl_at"] else "" for s in steps]
         gap = ""
@@ -175,6 +175,17 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['config']} | {r['mode']} | {r['batch_size']}x{r['seqlen']} | {r['ppl_before']:.2f} | "
                      + " | ".join(at) + f" | {gap} | {r['seconds_per_step']:.2f} | {r['sparsity_after']:.4f} | "
                      f"{windows[0]}x{windows[1]} |")
+    for r in rows:
+        if not r.get("stages"):
+            continue
+        lines += ["", f"{r['config']} {r['mode']}, {r['steps']} steps of {r['batch_size']}x{r['seqlen']} per stage "
+                  f"({r['steps_total']} in all), {r['seconds_per_step']:.2f} s/step:", "",
+                  "| stage | target | sparsity | ppl pruned | ppl recovered | prune s | recover s |",
+                  "|---|---|---|---|---|---|---|"]
+        for st in r["stages"]:
+            lines.append(f"| {st['stage']} | {st['sparsity_target']:.4f} | {st['sparsity']:.6f} | "
+                         f"{st['ppl_pruned']['wiki-offline']:.2f} | {st['ppl_recovered']['wiki-offline']:.2f} | "
+                         f"{st['prune_s']:.0f} | {st['recover_s']:.0f} |")
     return "\n".join(lines)
 
 
