@@ -50,7 +50,6 @@ RECOVER_FLAG_NAMES = dict(FLAG_NAMES, **{
     "recover.eval_at": "--eval-at",
 })
 RECOVER_MODES = ("full", "lora")
-LORA_UPDATES = ("masked", "dense")  # recover/lora.py
 # Peak learning rates: LoRA's is Wanda's recipe (1e-4); full fine-tuning moves every kept weight, so less.
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-4}
 FORMATS = ("hf", "compressed-tensors", "gguf")
@@ -417,6 +416,7 @@ def validate_fields(spec: RunSpec, names: dict | None = None) -> dict:
 def _check_recovery_fields(spec: RunSpec, pattern, method, name) -> None:
     """The recovery settings' own values (no file or model is looked at)."""
     from .recover import LR_SCHEDULES, SPARSITY_SCHEDULES
+    from .recover.lora import UPDATES as LORA_UPDATES
 
     rc = spec.recover
     if rc is None:

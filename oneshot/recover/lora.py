@@ -81,9 +81,10 @@ def wrap(model: nn.Module, targets, r: int = DEFAULT_R, alpha: int = DEFAULT_ALP
     if update == "masked" and masks:
         from .masks import masked_layers
 
-        for layer, keep in masked_layers(model, masks):
+        layers = masked_layers(model, masks)
+        for layer, keep in layers:
             setattr(layer, KEEP, keep)
-        config._register_custom_module({type(layer): _masked_lora_class() for layer, _ in masked_layers(model, masks)})
+        config._register_custom_module({type(layer): _masked_lora_class() for layer, _ in layers})
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config)
