@@ -457,7 +457,9 @@ def _check_recovery_fields(spec: RunSpec, pattern, method, name) -> None:
                          f"apply to distillation; add {name('recover.distill')}")
     if rc.lora_update not in LORA_UPDATES:
         raise UsageError(f"unknown {name('recover.lora_update')} {rc.lora_update!r}; choose {' or '.join(LORA_UPDATES)}")
-    if rc.mode != "lora" and (rc.lora_r != 8 or rc.lora_alpha != 16 or rc.lora_targets or rc.lora_update != "masked"):
+    lora_set = rc.lora_targets or any(getattr(rc, key) != getattr(Recovery(), key)
+                                      for key in ("lora_r", "lora_alpha", "lora_update"))
+    if rc.mode != "lora" and lora_set:
         raise UsageError(f"{name('recover.lora_r')}, {name('recover.lora_alpha')}, {name('recover.lora_targets')} "
                          f"and {name('recover.lora_update')} apply to {name('recover.mode')} lora")
     if not isinstance(rc.train_data, str) or not rc.train_data.strip():

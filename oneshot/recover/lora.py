@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..models import ModelError, decoder_blocks, prunable_layers
+from ..models import ModelError, decoder_blocks, layer_parameter, prunable_layers
+from ..models.adapter import _is_conv1d
 
 DEFAULT_R = 8
 DEFAULT_ALPHA = 16
@@ -75,15 +76,15 @@ def wrap(model: nn.Module, targets, r: int = DEFAULT_R, alpha: int = DEFAULT_ALP
 
     if update not in UPDATES:
         raise LoraError(f"unknown LoRA update {update!r}; choose {' or '.join(UPDATES)}")
-    conv1d = any(type(layer).__name__ == "Conv1D" for layer in prunable_layers(decoder_blocks(model)[0]).values())
+    conv1d = any(_is_conv1d(layer) for layer in prunable_layers(decoder_blocks(model)[0]).values())
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                         fan_in_fan_out=conv1d)  # GPT-2's Conv1D keeps weights as [in, out]
     if update == "masked" and masks:
         from .masks import masked_layers
 
         layers = masked_layers(model, masks)
-        for layer, keep in layers:
-            setattr(layer, KEEP, keep)
+        for layer, keep in layers:  # on the layer's device once, not moved at every forward
+            setattr(layer, KEEP, keep.to(layer_parameter(layer).device))
         config._register_custom_module({type(layer): _masked_lora_class() for layer, _ in layers})
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
         warnings.simplefilter("ignore", FutureWarning)
@@ -121,7 +122,7 @@ def _masked_lora_class():
                 for adapter in self.active_adapters:
                     if adapter not in self.lora_A:
                         continue
-                    delta = self.get_delta_weight(adapter) * keep.to(result.device)  # in the weight's own layout
+                    delta = self.get_delta_weight(adapter) * keep  # in the weight's own layout
                     inputs = self.lora_dropout[adapter](x.to(delta.dtype))
                     update = inputs @ delta if self.fan_in_fan_out else torch.nn.functional.linear(inputs, delta)
                     result = result + update.to(result.dtype)
