@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         print(markdown_table([json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]))
         return 0
     args.eval_at = [int(s) for s in args.eval_at.split(",") if s.strip()]
-    args.lr = {"full": args.lr_full, "distill": args.lr_full, "lora": args.lr_lora, "lora-dense": args.lr_lora}
+    args.lr = {name: args.lr_lora if mode["mode"] == "lora" else args.lr_full for name, mode in MODES.items()}
     out, cache = Path(args.out), Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     configs, modes = args.configs.split(","), args.modes.split(",")
