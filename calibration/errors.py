@@ -5,10 +5,12 @@ a package to install, an offline source to use instead), so the CLI can print it
 as-is before any model is loaded.
 """
 
+from oneshot.errors import UsageError
+
 OFFLINE_ALTERNATIVES = "wiki-offline, file:PATH or tokens:PATH"
 
 
-class SourceError(ValueError):
+class SourceError(UsageError):
     """A calibration/evaluation source that cannot be used, with a one-line fix."""
 
     def __init__(self, message: str):

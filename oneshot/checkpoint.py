@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from .atomic import write_atomic
+from .errors import RunError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunError):
     """A checkpoint that does not belong to this run, or that cannot be read."""
 
 

@@ -2,17 +2,20 @@
 
 UsageError: bad input, found before work where possible (exit status 2 from the CLI).
 RunError: a run that started but cannot finish: memory, numerics, a foreign checkpoint (exit status 1).
+
+Each subsystem raises its own subclass of one of them (SourceError, ModelError, NumericsError, ...), so
+no layer translates another's errors: the CLI and the sweep catch these two and nothing else.
 """
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input; the message is one line saying what to change."""
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # nested library messages can carry newlines
 
 
-class RunError(Exception):
+class RunError(RuntimeError):
     """A run that started but cannot finish; the message is one line saying what to change."""
 
     def __init__(self, message: str):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import RunError
 from ..methods import Pattern
 from ..models import ExpertProjection, decoder_blocks, get_weight, prunable_layers
 
 
-class ResourceError(RuntimeError):
+class ResourceError(RunError):
     """Not enough device or host memory for the requested run; the message names the flag to change."""
 
 

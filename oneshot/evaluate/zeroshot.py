@@ -32,6 +32,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
 from . import offline_tasks
 
 SUITES: dict[str, tuple[str, ...]] = {
@@ -46,7 +47,7 @@ METRIC_ORDER = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 OFFLINE_HINT = "use --eval-tasks offline (built from the embedded Wikipedia text)"
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(UsageError):
     """A task list that cannot be evaluated; the message is one line that says what to change."""
 
     def __init__(self, message: str):
@@ -81,7 +82,11 @@ def _optional_names(spec: str) -> set[str]:
 def configure_offline(force: bool = False) -> bool:
     """Switch datasets/huggingface_hub to the local cache when the Hub is unreachable (or `force`).
     Call it before lm-eval or datasets load anything; returns whether we are offline."""
-    from calibration.hub import env_offline, go_offline, hub_reachable  # one shared probe per process
+    from calibration.hub import (  # one shared probe per process
+        env_offline,
+        go_offline,
+        hub_reachable,
+    )
 
     offline = force or env_offline() or not hub_reachable()
     if offline:

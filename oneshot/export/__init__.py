@@ -7,13 +7,14 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import UsageError
 from .hf import directory_bytes, lineage_card, save_model
 
 FORMATS = ("hf", "compressed-tensors", "gguf")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
 
-class ExportError(ValueError):
+class ExportError(UsageError):
     """A model or grid that the chosen format cannot hold; the message says what to change."""
 
 

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import UsageError
+
 
 class PruneResult(NamedTuple):
     """What every method returns: the new weight (same dtype), the pruned positions, and notes; a
@@ -33,7 +35,7 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return result
 
 
-class PatternError(ValueError):
+class PatternError(UsageError):
     """A sparsity pattern or target that cannot be honoured; the message says what to change."""
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import UsageError
 
-class OptionError(ValueError):
+
+class OptionError(UsageError):
     """An unknown option or a value out of its range; the message names what is allowed."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import RunError
 from .masks import Pattern, PruneResult, compute_dtype, threshold_mask
 from .options import Option
 
@@ -31,7 +32,7 @@ SPARSEGPT_OPTIONS = (
 )
 
 
-class NumericsError(RuntimeError):
+class NumericsError(RunError):
     """Statistics that no damping can repair (non-finite values, a degenerate Hessian)."""
 
 

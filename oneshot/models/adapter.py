@@ -12,10 +12,11 @@ import re
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .experts import ExpertProjection, expert_projections, is_fused_experts, routers
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """A model that cannot be loaded or understood; the message says what to change."""
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
+
 BITS = {"int8": 8, "int4": 4}
 
 
-class QuantizationError(ValueError):
+class QuantizationError(UsageError):
     """A quantisation setting the model cannot take (a group size that does not divide a layer)."""
 
 

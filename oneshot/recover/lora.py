@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UsageError
 from ..models import ModelError, decoder_blocks, layer_parameter, prunable_layers
 from ..models.adapter import _is_conv1d
 
@@ -28,7 +29,7 @@ UPDATES = ("masked", "dense")
 KEEP = "oneshot_keep"  # the attribute that carries a base layer's mask while it is adapted
 
 
-class LoraError(ValueError):
+class LoraError(UsageError):
     """LoRA settings that cannot apply to this model; the message says what to change."""
 
 

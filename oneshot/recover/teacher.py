@@ -11,11 +11,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..errors import UsageError
 from ..models import check_model_spec, model_skeleton
 from ..models.loading import BYTE_TOKENIZER_FILE
 
 
-class TeacherError(ValueError):
+class TeacherError(UsageError):
     """A teacher that cannot teach this student; the message says what to change."""
 
 

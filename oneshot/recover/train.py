@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomic
+from ..errors import RunError
 from ..models import decoder_blocks, prunable_layers
 from . import lora
 from .losses import recovery_loss
@@ -68,7 +69,7 @@ class TrainResult:
     evaluations: dict = field(default_factory=dict)  # step -> what `evaluate_at` returned
 
 
-class TrainCheckpointError(ValueError):
+class TrainCheckpointError(RunError):
     """A recovery checkpoint that does not belong to this run, or cannot be read."""
 
 
