@@ -3,7 +3,7 @@
 `quantizing(method, grid, how)` returns a Method whose statistic, prepare and prune wrap the base
 method's:
 
-- joint (SparseGPT only): the SparseGPT sweep masks and quantises each column (quantize/sweep.py);
+- joint (SparseGPT only): the SparseGPT sweep masks and quantises each column (quantize/columns.py);
 - gptq: the base method prunes, then GPTQ quantises the pruned weight with the layer's Hessian; a
   method that reads the Hessian shares it, any other gets one gathered beside its own statistic
   (Wanda's norms and the Hessian from the same forward);
@@ -19,8 +19,8 @@ from ..methods import Method
 from ..methods.magnitude import magnitude_prune
 from ..methods.sparsegpt import prepare_hessian
 from ..methods.statistics import Hessian
+from .columns import gptq, joint_prune_quantize
 from .grid import Grid, rtn
-from .sweep import gptq, joint_prune_quantize
 
 QUANT_METHODS = ("auto", "joint", "gptq", "rtn")
 
