@@ -3,7 +3,7 @@
 Sources: wiki-offline (embedded, no network), wikitext2, ptb, c4 (Hugging Face Hub),
 file:PATH (.txt/.jsonl) and tokens:PATH (.pt/.npy windows used as-is). See SOURCES.
 """
-from .errors import SourceError
+from .source_errors import SourceError
 from .sources import (
     SOURCES,
     calibration_windows,

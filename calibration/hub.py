@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import OFFLINE_ALTERNATIVES, SourceError
+from .source_errors import OFFLINE_ALTERNATIVES, SourceError
 from .windows import encode
 
 HUB_HOST = ("huggingface.co", 443)

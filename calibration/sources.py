@@ -15,7 +15,7 @@ import numpy
 import torch
 
 from . import hub, wiki_offline
-from .errors import SourceError
+from .source_errors import SourceError
 from .windows import cached_encode, consecutive_windows, random_windows
 
 DEFAULT_NSAMPLES = 128
@@ -59,8 +59,18 @@ def _parse(source: str, role: str) -> tuple[str, Path | None]:
     raise SourceError(f"unknown {role} source {source!r}{hint}; known: {', '.join(SOURCES)}")
 
 
-def check_source(source: str, role: str) -> None:
-    """Raise SourceError within seconds if the source cannot be used for role."""
+def check_source(source: str, role: str, field: str | None = None) -> None:
+    """Raise SourceError within seconds if the source cannot be used for role (the message starts with
+    `field`, the setting as the caller spells it, when given)."""
+    if field is None:
+        return _check_source(source, role)
+    try:
+        _check_source(source, role)
+    except SourceError as exc:
+        raise SourceError(f"{field}: {exc}") from None
+
+
+def _check_source(source: str, role: str) -> None:
     kind, path = _parse(source, role)
     if kind == "wiki-offline":
         wiki_offline.data_file()

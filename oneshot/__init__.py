@@ -13,7 +13,7 @@ __version__ = "0.3.0"
 
 _EXPORTS = {
     "run": "api", "RunSpec": "spec", "Calibration": "spec", "Evaluation": "spec", "Recovery": "spec",
-    "validate": "spec",
+    "make_plan": "plan", "Spelling": "settings",
     "Record": "record", "UsageError": "errors", "RunError": "errors", "load_model": "models",
     "prune_model": "engine", "measure_sparsity": "engine", "PruneReport": "engine", "METHODS": "methods",
     "get_method": "methods", "parse_pattern": "methods",

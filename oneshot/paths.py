@@ -117,3 +117,48 @@ def share_like_save_pretrained(directory: Path) -> None:
             os.chmod(os.path.join(root, name), 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def check_outputs(spec) -> None:
+    """Every path a run writes, before any work: kind, writability, collisions with each other and
+    with every file the run reads."""
+    from .settings import spelled
+
+    if spec.kind == "eval" and spec.save_model:
+        raise UsageError("an eval run saves no model; leave out " + spelled("save_model"))
+    outputs = []
+    for key, whole in (("output", False), ("save_model", True)):
+        value = getattr(spec, key)
+        if value is not None:
+            outputs.append((spelled(key), output_dir(value, spelled(key), spec.overwrite, spelled("overwrite")), whole))
+    if spec.resume and not spec.checkpoint_dir:
+        raise UsageError(f"{spelled('resume')} needs {spelled('checkpoint_dir')} (the directory of the run to continue)")
+    if spec.checkpoint_dir is not None:
+        directory = output_dir(spec.checkpoint_dir, spelled("checkpoint_dir"), allow_existing=True)
+        state = directory / "state.json"
+        if state.exists() and not spec.resume:
+            raise UsageError(f"{spelled('checkpoint_dir')} {spec.checkpoint_dir} holds a checkpoint; pass "
+                             f"{spelled('resume')} to continue it, or choose another directory")
+        if spec.resume and not state.exists():
+            raise UsageError(f"{spelled('resume')}: {spec.checkpoint_dir} holds no checkpoint (no state.json)")
+        outputs.append((spelled("checkpoint_dir"), directory, False))
+    check_collisions(outputs, input_paths(spec))
+
+
+def input_paths(spec) -> list[tuple[str, Path]]:
+    """The files and directories a run reads, resolved: the model, file:/tokens: sources."""
+    from .settings import spelled
+
+    found = []
+    model = Path(spec.model).expanduser()
+    if not spec.model.startswith("random:") and model.exists():
+        found.append((spelled("model"), model.resolve()))
+    sources = [(spelled("calibration.source"), spec.calibration.source)]
+    if spec.recover is not None:
+        sources.append((spelled("recover.train_data"), spec.recover.train_data))
+    sources += [(spelled("eval.ppl"), source) for source in spec.eval.ppl]
+    for flag, source in sources:
+        for prefix in ("file:", "tokens:"):
+            if isinstance(source, str) and source.startswith(prefix):
+                found.append((flag, Path(source[len(prefix):]).expanduser().resolve()))
+    return found

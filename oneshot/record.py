@@ -19,7 +19,39 @@ from pathlib import Path
 from . import __version__
 from .atomic import write_atomic
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: `settings`, what decides the result as a run config (`oneshot prune --config` reads it)
+
+
+@dataclass
+class RecoveryRecord:
+    """What recovery did (steps.recover): its settings as run, the loss curve, perplexity before, at the
+    checkpoints and after, and the sparsity before and after (the masks locked)."""
+
+    mode: str
+    data: str
+    steps: int
+    tokens: int
+    tokens_per_step: int
+    seqlen: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    schedule: str
+    warmup: int
+    seed: int
+    distill: dict | None  # {"teacher", "temperature", "alpha"}
+    lora: dict | None  # {"r", "alpha", "dropout", "update", "targets"}
+    loss_curve: list
+    loss_curve_every: int
+    seconds: float
+    seconds_per_step: float
+    resumed_from_step: int
+    ppl_before: dict
+    ppl_at: dict  # step -> {source: ppl}
+    sparsity_before: float
+    sparsity_after: float
+    masks_locked: bool
+    ppl_after: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -67,10 +99,11 @@ class Record:
     quantization: dict | None = None
     # With --save-model: {"format", "path", "bytes" (the directory), "weights_bytes" (weight files only)}.
     saved_model: dict | None = None
-    # Recovery after pruning: mode, data, steps, tokens, lr, loss curve, seconds, perplexity before and
-    # after, exact sparsity after (api._recover); and, for iterative pruning, one entry per stage.
-    recovery: dict | None = None
+    # Recovery after pruning (RecoveryRecord), and, for iterative pruning, one entry per stage.
+    recovery: RecoveryRecord | None = None
     stages: list | None = None
+    # The settings that decide the result, as a run config (settings.to_mapping): `--config` reads it back.
+    settings: dict = field(default_factory=dict)
 
     _DROP_IF_NONE = ("lineage", "run_key", "structure", "quantization", "saved_model", "recovery", "stages")
 

@@ -32,7 +32,7 @@ def test_run_returns_a_record_with_every_0_2_0_key(tmp_path):
     record = run(TINY.replace(method="wanda", output=str(tmp_path / "o")))
     written = json.loads((tmp_path / "o" / "result.json").read_text())
     assert KEYS_0_2_0 <= set(written) and written == json.loads(record.to_json())
-    assert written["schema_version"] == 2 and written["options"] == {}
+    assert written["schema_version"] == 3 and written["options"] == {}
     assert written["allocation"] == {"name": "uniform", "options": {}}
     assert set(written["sparsity_target_per_layer"].values()) == {0.5}
     assert written["sparsity_target_per_layer"].keys() == written["sparsity_per_layer"].keys()

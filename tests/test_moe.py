@@ -335,7 +335,7 @@ def test_an_interrupted_moe_run_resumes_to_the_same_model(tmp_path):
 
 
 def test_the_printed_table_shows_all_three_sparsity_figures(capsys):
-    from oneshot.cli.prune import print_table
+    from oneshot.cli.runs import print_table
 
     print_table({"method": "wanda", "pattern": "unstructured", "sparsity_measured": 0.5,
                  "sparsity_block_weights": 0.0612, "sparsity_model": 0.0423, "ppl": {}, "timings": {}})

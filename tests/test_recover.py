@@ -14,8 +14,9 @@ from oneshot.cli import main
 from oneshot.methods import parse_pattern
 from oneshot.methods.magnitude import magnitude_prune
 from oneshot.models import build_random_model, decoder_blocks, get_weight, prunable_layers, set_weight
-from oneshot.recover import (TrainCheckpoint, TrainSettings, apply_masks, capture_masks, distillation_loss, lr_factor,
+from oneshot.recover import (TrainCheckpoint, apply_masks, capture_masks, distillation_loss, lr_factor,
                              next_token_loss, recovery_loss, stage_sparsity, train, zero_fraction)
+from oneshot.spec import Recovery
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--eval-samples", "1", "--quiet"]
 
@@ -77,7 +78,7 @@ def test_masks_stay_locked(mode, pattern):
     model = pruned_tiny(pattern)
     before = capture_masks(model)
     original = copy.deepcopy(model)
-    result = train(model, toy_windows(), TrainSettings(mode=mode, steps=3, lr=1e-2, batch_size=2), progress=False)
+    result = train(model, toy_windows(), Recovery(mode=mode, steps=3, lr=1e-2, batch_size=2), progress=False)
     after = capture_masks(result.model)
     assert result.masks_held and before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # identical zero patterns
@@ -120,7 +121,7 @@ def test_masked_lora_trains_the_model_that_is_saved(preset):
 
 
 def test_loss_falls_on_a_learnable_corpus():
-    result = train(pruned_tiny(), toy_windows(), TrainSettings(steps=8, lr=1e-2, batch_size=4, schedule="constant"),
+    result = train(pruned_tiny(), toy_windows(), Recovery(steps=8, lr=1e-2, batch_size=4, schedule="constant"),
                    progress=False)
     curve = result.loss_curve
     assert curve[-1] < curve[0] - 1.0 and sum(b < a for a, b in zip(curve, curve[1:])) >= 6  # nats, steadily
@@ -128,7 +129,7 @@ def test_loss_falls_on_a_learnable_corpus():
 
 def test_self_distillation_has_zero_kl():
     model = pruned_tiny()
-    result = train(model, toy_windows(), TrainSettings(steps=2, lr=1e-3, batch_size=2), teacher=copy.deepcopy(model),
+    result = train(model, toy_windows(), Recovery(steps=2, lr=1e-3, batch_size=2), teacher=copy.deepcopy(model),
                    progress=False)
     assert result.loss_curve[0] == 0.0
 
@@ -145,18 +146,19 @@ def test_evaluations_inside_the_loop_are_not_training_time(monkeypatch):
         clock[0] += 100.0
         return {"ok": 1.0}
 
-    result = train(pruned_tiny(), toy_windows(), TrainSettings(steps=3, lr=1e-3, batch_size=2), progress=False,
-                   evaluate_at=(1, 2), evaluate=evaluate)
+    result = train(pruned_tiny(), toy_windows(), Recovery(steps=3, lr=1e-3, batch_size=2, eval_at=(1, 2)),
+                   progress=False, evaluate=evaluate)
     assert clock[0] == 200.0 and sorted(result.evaluations) == [1, 2]
     assert result.seconds == 0.0
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_resume_is_bitwise_equal(mode, tmp_path):
-    settings = TrainSettings(mode=mode, steps=4, lr=1e-2, batch_size=2, checkpoint_every=2)
+    settings = Recovery(mode=mode, steps=4, lr=1e-2, batch_size=2)
     straight = train(pruned_tiny(), toy_windows(), settings, progress=False)
     checkpoint = TrainCheckpoint(tmp_path / "c", {"test": mode})
-    train(pruned_tiny(), toy_windows(), settings, checkpoint=checkpoint, progress=False, stop_after=2)
+    train(pruned_tiny(), toy_windows(), settings, checkpoint=checkpoint, progress=False, stop_after=2,
+          checkpoint_every=2)
     assert json.loads((tmp_path / "c" / "state.json").read_text())["step"] == 2
     resumed = train(pruned_tiny(), toy_windows(), settings, checkpoint=TrainCheckpoint(tmp_path / "c", {"test": mode}),
                     resume=True, progress=False)
@@ -276,10 +278,10 @@ BAD = [
     (["recover", "--pruned", "{model}", "--distill", "--teacher", "random:opt-125m"], "same tokenizer"),
     (["recover", "--pruned", "{model}", "--mode", "lora", "--lora-targets", "c_attn"], "match no linear layer"),
     (["recover", "--pruned", "{model}", "--mode", "sparse"], "unknown --mode 'sparse'"),
-    (["recover", "--pruned", "{model}", "--lr", "0"], "--lr must be in (0, 1)"),
+    (["recover", "--pruned", "{model}", "--lr", "0"], "--lr must be a number in (0, 1)"),
     (["recover", "--pruned", "{model}", "--steps", "5", "--warmup", "5"], "--warmup 5 must be fewer"),
     (["recover", "--pruned", "{model}", "--schedule", "step"], "unknown --schedule"),
-    (["recover", "--pruned", "{model}", "--distill", "--distill-alpha", "2"], "--distill-alpha must be in [0, 1]"),
+    (["recover", "--pruned", "{model}", "--distill", "--distill-alpha", "2"], "--distill-alpha must be a number in [0, 1]"),
     (["recover", "--pruned", "{model}", "--temperature", "2"], "add --distill"),
     (["recover", "--pruned", "{model}", "--lora-r", "4"], "apply to --mode lora"),
     (["recover", "--pruned", "{model}", "--lora-update", "dense"], "apply to --mode lora"),
@@ -298,7 +300,7 @@ BAD = [
      "reaches an unstructured target in stages"),
     (["prune", "--model", "random:tiny-llama", "--recover-steps", "2", "--checkpoint-dir", "{tmp}/c"],
      "oneshot recover"),
-    (["prune", "--model", "random:tiny-llama", "--method", "dense", "--recover-steps", "2"], "other than dense"),
+    (["prune", "--model", "random:tiny-llama", "--method", "dense", "--recover-steps", "2"], "that prunes"),
     (["prune", "--model", "random:tiny-llama", "--recover-steps", "2", "--quantize", "int8"], "quantise"),
     (["prune", "--model", "random:tiny-llama", "--recover-steps", "2", "--iterative-schedule", "exp"],
      "unknown --iterative-schedule"),

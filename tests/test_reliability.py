@@ -213,8 +213,8 @@ def _files(tmp_path):
 
 
 BAD_INVOCATIONS = [
-    (["prune", "--sparsity", "1"], "outside [0, 1)"),
-    (["prune", "--sparsity", "nan"], "outside [0, 1)"),
+    (["prune", "--sparsity", "1"], "a number in [0, 1)"),
+    (["prune", "--sparsity", "nan"], "a number in [0, 1)"),
     (["prune", "--pattern", "2:2"], "0 < N < M"),
     (["prune", "--pattern", "two:four"], "N:M"),
     (["prune", "--pattern", "3:7"], "multiple of 7"),

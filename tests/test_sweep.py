@@ -188,7 +188,7 @@ def test_unquoted_nm_patterns_are_patterns_not_base_60_numbers(tmp_path):
 BAD = [
     ("sparsities: [0.3]\nfoo: 1\n", "unknown key 'foo'; allowed keys: models, methods"),
     ("calibration: {source: wiki-offline, nsample: 4}\n", "unknown key 'calibration.nsample'"),
-    ("sparsities: [0.5, 1.2]\n", "outside [0, 1)"),
+    ("sparsities: [0.5, 1.2]\n", "a number in [0, 1)"),
     ("sparsities: [half]\n", "sparsities must be a number"),
     ("methods: [wanda, obs]\n", "unknown method 'obs'"),
     ("patterns: [2x4]\n", "N:M"),
@@ -256,7 +256,7 @@ def test_grid_keeps_only_allocations_that_apply_to_the_pattern(tmp_path):
 
 def test_report_gives_allocations_orders_and_options_rows_of_their_own(tmp_path):
     """OWL, --sequential and option values are other methods in a table, never a collision with the plain one."""
-    from oneshot.sweep.report import build_grid, method_label
+    from oneshot.sweep.report import build_cells, method_label
 
     base = {"model": "m", "method": "wanda", "pattern": "unstructured", "sparsity_target": 0.6, "ppl": {"w": 30.0},
             "timings": {"prune_s": 2.0}}
@@ -266,10 +266,10 @@ def test_report_gives_allocations_orders_and_options_rows_of_their_own(tmp_path)
                {**base, "allocation": {"name": "uniform"}, "sequential": False, "options": {}, "run_key": "x"}]
     assert [method_label(r) for r in records] == ["wanda", "wanda (owl)", "admm (owl, sequential, iterations=20)",
                                                   "wanda"]
-    grid = build_grid(records[:3])
-    assert grid.collisions == 0
-    assert [row[1] for row in grid.rows(("ppl", "w"))] == ["wanda", "wanda (owl)", "admm (owl, sequential, iterations=20)"]
-    assert grid.get(("prune_s", None), ("m", "wanda (owl)", "unstructured"), 0.6) == 2.0
+    table = build_cells(records[:3])
+    assert table.collisions == 0
+    assert [row[1] for row in table.rows(("ppl", "w"))] == ["wanda", "wanda (owl)", "admm (owl, sequential, iterations=20)"]
+    assert table.get(("prune_s", None), ("m", "wanda (owl)", "unstructured"), 0.6) == 2.0
 
 
 def test_labels_tell_sequential_runs_apart(tmp_path):

@@ -230,7 +230,7 @@ def test_bad_tasks_are_one_line_before_any_work(tasks, fragment, tmp_path, capsy
     (["prune", "--model", "random:tiny-llama", "--eval-limit", "0"], "--eval-limit"),
     (["prune", "--model", "random:tiny-llama", "--eval-batch-size", "many"], "--eval-batch-size"),
     (["eval", "--model", "random:tiny-llama", "--eval-ppl", "none"], "nothing to evaluate"),
-    (["eval", "--model", "random:tiny-llama", "--pruned", "x"], "not allowed with"),
+    (["eval", "--model", "random:tiny-llama", "--pruned", "x"], "give --model or --pruned, not both"),
     (["eval", "--pruned", "{tmp}", "--eval-tasks", "offline"], "no config.json"),
 ])
 def test_bad_eval_flags_are_one_line(argv, fragment, tmp_path, capsys):

@@ -57,6 +57,27 @@ ALLOCATIONS: dict[str, Allocation] = {
 }
 
 
+def check(spec, method, pattern) -> tuple[Allocation, dict, dict]:
+    """(the allocation, the method's typed options, the allocation's typed options): each option goes to
+    whichever of the method and the allocation declares it."""
+    from ..settings import spelled
+
+    allocation = get_allocation(spec.allocation)
+    mine = {o.name for o in allocation.options}
+    for name in spec.options:
+        owner = next((a for a in ALLOCATIONS.values() if a is not allocation and name in {o.name for o in a.options}),
+                     None)
+        if owner is not None and name not in {o.name for o in method.options}:
+            raise OptionError(f"{spelled('options')} {name} is an option of {spelled('allocation')} {owner.name}; "
+                              f"add {spelled('allocation')} {owner.name} or leave it out")
+    method_options = method.check_options({k: v for k, v in spec.options.items() if k not in mine})
+    allocation_options = allocation.check_options({k: v for k, v in spec.options.items() if k in mine})
+    if pattern.is_nm and not allocation.accepts_nm:
+        raise OptionError(f"{spelled('allocation')} {allocation.name} gives layers different sparsities, which "
+                          f"pattern {pattern} cannot (it fixes {pattern.sparsity:g}); use unstructured")
+    return allocation, method_options, allocation_options
+
+
 def get_allocation(name: str) -> Allocation:
     try:
         return ALLOCATIONS[name]
@@ -64,4 +85,4 @@ def get_allocation(name: str) -> Allocation:
         raise OptionError(f"unknown allocation {name!r}; choose one of {', '.join(ALLOCATIONS)}") from None
 
 
-__all__ = ["Allocation", "ALLOCATIONS", "get_allocation", "OWL_OPTIONS", "outlier_ratio", "owl_sparsities"]
+__all__ = ["Allocation", "ALLOCATIONS", "check", "get_allocation", "OWL_OPTIONS", "outlier_ratio", "owl_sparsities"]

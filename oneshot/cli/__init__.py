@@ -1,5 +1,5 @@
 """The command line: `oneshot prune | eval | recover | sweep | report`. Thin: flags (and `--config RUN.yaml`)
-become a RunSpec, and `api.run` does the work; this layer prints the table and maps failures to one
+become a RunSpec, and `api.run` does the work; this layer prints the table and turns a failure into one
 line on stderr with an exit status (2: bad input, 1: the run could not finish, 130: interrupted).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 from .. import __version__
 from ..errors import RunError, Terminated, UsageError
-from .prune import add_eval_parser, add_prune_parser, add_recover_parser
+from .runs import add_run_parsers
 from .sweep import add_report_parser, add_sweep_parser
 
 
@@ -21,14 +21,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="oneshot", description="One-shot pruning of LLMs: SparseGPT, Wanda, magnitude.")
+    parser = _Parser(prog="oneshot", description="One-shot pruning of LLMs: SparseGPT, Wanda, magnitude and more.")
     parser.add_argument("--version", action="version", version=f"oneshot {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    add_prune_parser(commands)
+    add_run_parsers(commands)
     add_sweep_parser(commands)
     add_report_parser(commands)
-    add_eval_parser(commands)
-    add_recover_parser(commands)
     return parser
 
 

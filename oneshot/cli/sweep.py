@@ -14,7 +14,7 @@ def add_sweep_parser(commands) -> None:
         description="Run every model x method x pattern x sparsity of CONFIG in this process (or on Ray or Slurm "
                     "workers: --executor), appending one JSON line per finished run; rerunning skips runs already "
                     "recorded.")
-    p.add_argument("config", metavar="CONFIG.yaml", help="sweep config (see experiments/README.md)")
+    p.add_argument("config", metavar="CONFIG.yaml", help="sweep config (its keys: docs/cli.md)")
     p.add_argument("--results", default=None,
                    help="results JSONL (default: the config's `results`, relative to the config's directory)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are already recorded; run nothing")

@@ -2,10 +2,23 @@
 from .capture import BlockInputs, capture_block_inputs
 from .coverage import Coverage, measure_coverage
 from .memory import ResourceError, check_memory, check_pattern, default_batch_size
-from .report import PruneReport
+from .prune_report import PruneReport
 from .sequential import SEQUENTIAL_STAGES, sublayer_sequential
-from .stages import DEFAULT_STAGES, BlockVisit, Stage, gather_statistics, propagate, prune_layers
-from .stream import layer_names, measure_sparsity, prune_model, stream_statistics, uniform_targets
+from .stages import (
+           DEFAULT_STAGES,
+           BlockVisit,
+           Stage,
+           gather_statistics,
+           propagate,
+           prune_layers,
+)
+from .stream import (
+           layer_names,
+           measure_sparsity,
+           prune_model,
+           stream_statistics,
+           uniform_targets,
+)
 
 __all__ = ["BlockInputs", "capture_block_inputs", "Coverage", "measure_coverage", "ResourceError", "check_memory",
            "check_pattern", "default_batch_size", "PruneReport", "DEFAULT_STAGES", "BlockVisit", "Stage",

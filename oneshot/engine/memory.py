@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import RunError
 from ..methods import Pattern
 from ..models import ExpertProjection, decoder_blocks, get_weight, prunable_layers
+from ..settings import spelled
 
 
 class ResourceError(RunError):
@@ -70,7 +71,8 @@ def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_siz
         free, _ = torch.cuda.mem_get_info(device)
         if block_bytes + statistics + scratch > 0.9 * free:
             raise ResourceError(f"one block needs about {(block_bytes + statistics + scratch) / gib:.1f} GiB on "
-                                f"{device} but {free / gib:.1f} GiB is free; lower --batch-size (now {batch_size})")
+                                f"{device} but {free / gib:.1f} GiB is free; lower {spelled('batch_size')} "
+                                f"(now {batch_size})")
         if activations >= free / 3:
             on_host = activations  # the engine keeps them in pinned host memory
     from ..models.lazy import available_host_bytes
@@ -80,5 +82,5 @@ def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_siz
     if available is not None and needed > 0.9 * available:
         raise ResourceError(f"calibration activations need about {needed / gib:.1f} GiB of host memory "
                             f"({nsamples} x {seqlen} tokens x {hidden} features) but {available / gib:.1f} GiB "
-                            "is available; lower --nsamples or --seqlen")
+                            f"is available; lower {spelled('calibration.nsamples')} or {spelled('calibration.seqlen')}")
     return estimate

@@ -18,11 +18,11 @@ import threading
 
 import torch
 
-from ..methods import NumericsError
+from ..methods.numerics import NumericsError
 from ..models import routed_through_projections
+from ..settings import spelled
 from .capture import Caught, forward_block, store
 from .stages import BlockVisit, check_finite, prune_layers
-
 
 # Grouping is a property of a block's forward code, so blocks of one class with the same layers share it:
 # it is found once (a forward of one chunk) instead of once per block. Not for experts, whose routing
@@ -160,7 +160,7 @@ def _sublayer_sequential(visit: BlockVisit) -> None:
                 chunk.step()  # each chunk runs on to this group's first layer and feeds its statistic
             if not bool(finite[g]):
                 raise NumericsError(f"block {visit.index}, layer {group[0]}: its input contains NaN or inf; check "
-                                    "the model's weights and --dtype")
+                                    f"the model's weights and {spelled('dtype')}")
             for name in group:
                 visit.stats[name] = accumulators[g]
             prune_layers(visit, group)

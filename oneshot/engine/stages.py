@@ -15,10 +15,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..methods import Method, NumericsError, Pattern, magnitude_prune
+from ..methods import Method, Pattern, magnitude_prune
+from ..methods.numerics import NumericsError
 from ..models import get_weight, routed_through_projections, set_weight
+from ..settings import spelled
 from .capture import BlockInputs, Caught, forward_block, store
-from .report import PruneReport
+from .prune_report import PruneReport
 
 
 @dataclass
@@ -102,7 +104,8 @@ def _accumulate(visit: BlockVisit, layers: dict) -> dict:
     for name, ok in finite.items():
         if not bool(ok):
             raise NumericsError(f"block {visit.index}, layer {name}: its input contains NaN or inf; check the "
-                                "model's weights and --dtype (float16 overflows for some bfloat16-trained models)")
+                                f"model's weights and {spelled('dtype')} (float16 overflows for some "
+                                "bfloat16-trained models)")
     return stats
 
 
@@ -153,7 +156,7 @@ def propagate(visit: BlockVisit) -> None:
 
 def check_finite(tensors: list[torch.Tensor], what: str) -> None:
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise NumericsError(f"{what} contain NaN or inf; check the model's weights and --dtype "
+        raise NumericsError(f"{what} contain NaN or inf; check the model's weights and {spelled('dtype')} "
                             "(float16 overflows for some bfloat16-trained models)")
 
 

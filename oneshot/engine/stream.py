@@ -24,9 +24,10 @@ from ..checkpoint import Checkpoint
 from ..methods import Method, Pattern
 from ..models import decoder_blocks, get_weight, prunable_layers
 from ..models.lazy import block_weights, materialised
+from ..settings import spelled
 from .capture import BlockInputs, capture_block_inputs, forward_block, store
 from .memory import ResourceError, activations_fit, default_batch_size
-from .report import PruneReport
+from .prune_report import PruneReport
 from .stages import DEFAULT_STAGES, BlockVisit, Stage, check_finite, gather_statistics
 
 
@@ -129,8 +130,9 @@ def prune_model(
                 on_disk.keep(index)  # the pruned block, written to its shard; read from there from now on
         except torch.cuda.OutOfMemoryError:
             block.to("cpu")
-            raise ResourceError(f"CUDA ran out of memory in block {index} ({phase[0]}); lower --batch-size "
-                                f"(now {batch_size}) or --nsamples/--seqlen") from None
+            raise ResourceError(f"CUDA ran out of memory in block {index} ({phase[0]}); lower "
+                                f"{spelled('batch_size')} (now {batch_size}), {spelled('calibration.nsamples')} or "
+                                f"{spelled('calibration.seqlen')}") from None
         finally:
             if on_disk:
                 on_disk.release(index)

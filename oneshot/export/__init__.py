@@ -8,9 +8,10 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UsageError
-from .hf import directory_bytes, lineage_card, save_model
+from ..settings import spelled
+from ..spec import FORMATS
+from .hf import directory_bytes, lineage_card, read_lineage, save_model
 
-FORMATS = ("hf", "compressed-tensors", "gguf")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
 
@@ -18,11 +19,21 @@ class ExportError(UsageError):
     """A model or grid that the chosen format cannot hold; the message says what to change."""
 
 
-def check_format(model, format: str, grid, name) -> None:
+def check_settings(spec) -> None:
+    """The save format's own settings: it says how --save-model writes, and compressed-tensors packs codes."""
+    flag = spelled("format")
+    if spec.format != "hf" and not spec.save_model:
+        raise ExportError(f"{flag} {spec.format} says how to save the model: give {spelled('save_model')} DIR too")
+    if spec.format == "compressed-tensors" and spec.quantize is None:
+        raise ExportError(f"{flag} compressed-tensors stores quantised weights; add {spelled('quantize')} int8|int4, "
+                          f"or save with {flag} hf")
+
+
+def check_format(model, format: str, grid) -> None:
     """Against the model's architecture (a skeleton will do) and the run's grid (None: not quantised)."""
     from ..models import decoder_blocks, prunable_layers
 
-    flag = name("format")
+    flag = spelled("format")
     if format == "hf":
         return
     if format == "gguf":
@@ -45,14 +56,14 @@ def check_format(model, format: str, grid, name) -> None:
         _require("gguf", flag, "gguf")
         if grid is not None and not (grid.symmetric and grid.group_size == BLOCK):
             raise ExportError(f"{flag} gguf stores int{grid.bits} as Q{grid.bits}_0: symmetric blocks of {BLOCK} "
-                              f"weights; add {name('symmetric')} {name('group_size')} {BLOCK}")
+                              f"weights; add {spelled('symmetric')} {spelled('group_size')} {BLOCK}")
         return
     _require("compressed_tensors", flag, "compressed-tensors")
     if not grid.symmetric:
         # compressed-tensors 0.20 packs asymmetric zero points on save, but transformers' loader expects them
         # unpacked, so such a checkpoint does not load; symmetric grids load exactly.
         raise ExportError(f"{flag} compressed-tensors: transformers cannot load asymmetric pack-quantized "
-                          f"checkpoints (compressed-tensors 0.20); add {name('symmetric')}")
+                          f"checkpoints (compressed-tensors 0.20); add {spelled('symmetric')}")
     for block in decoder_blocks(model):
         for layer_name, layer in prunable_layers(block).items():
             if type(layer) is not nn.Linear:
@@ -87,4 +98,4 @@ def save_in_format(model, tokenizer, record: dict, directory: str | Path, format
     return {"format": format, "bytes": directory_bytes(directory), "weights_bytes": weights}
 
 
-__all__ = ["save_model", "save_in_format", "lineage_card", "directory_bytes", "check_format", "ExportError", "FORMATS"]
+__all__ = ["save_model", "save_in_format", "lineage_card", "read_lineage", "directory_bytes", "check_format", "check_settings", "ExportError", "FORMATS"]

@@ -26,6 +26,22 @@ def lineage_of(record: dict) -> dict:
     return lineage
 
 
+def read_lineage(path: str | Path) -> dict | None:
+    """The lineage card (oneshot.json) of a saved model: a directory, or a file saved into one (a .gguf);
+    None when there is none. A damaged card is a UsageError naming it."""
+    from ..errors import UsageError
+
+    path = Path(path).expanduser()
+    card = (path.parent if path.is_file() else path) / "oneshot.json"
+    if not card.is_file():
+        return None
+    try:
+        lineage = json.loads(card.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{card} is damaged (not JSON); save the pruned model again") from None
+    return lineage if isinstance(lineage, dict) else None
+
+
 def save_model(model, tokenizer, record: dict, directory: str | Path, write_weights=None) -> None:
     """Write the model, its tokenizer and its lineage card into `directory`, atomically.
     `write_weights(tmp, lineage)` writes the weights and config (default: save_pretrained)."""

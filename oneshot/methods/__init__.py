@@ -12,8 +12,9 @@ from typing import Callable, Optional
 from .admm import ADMM_OPTIONS, AdmmHessian, admm_prune, prepare_admm
 from .magnitude import magnitude_prune
 from .masks import PatternError, Pattern, PruneResult, check_sparsity, parse_pattern
+from .numerics import NumericsError
 from .options import Option, OptionError, check_options
-from .sparsegpt import SPARSEGPT_OPTIONS, InverseHessian, NumericsError, prepare_hessian, sparsegpt_prune
+from .sparsegpt import SPARSEGPT_OPTIONS, InverseHessian, prepare_hessian, sparsegpt_prune
 from .statistics import ActSqNorm, Hessian
 from .wanda import wanda_prune
 
@@ -30,6 +31,8 @@ class Method:
     # What a layer no calibration token reached gets: (weight, sparsity, pattern) -> PruneResult.
     # None: magnitude pruning (engine/stages.py, NO_TOKENS_NOTE).
     without_data: Optional[Callable] = None
+    # False for the baseline: a method that leaves every weight as it is.
+    prunes: bool = True
 
     def check_options(self, given: dict | None) -> dict:
         """The given options, typed; OptionError (one line naming the allowed ones) for anything else."""
@@ -41,7 +44,7 @@ def _unchanged(weight, _statistic, _sparsity, _pattern):
 
 
 METHODS = {
-    "dense": Method("dense", None, _unchanged, "no pruning: the model as it is"),
+    "dense": Method("dense", None, _unchanged, "no pruning: the model as it is", prunes=False),
     "magnitude": Method(
         "magnitude", None, lambda w, _stat, p, pattern: magnitude_prune(w, p, pattern),
         "drop the smallest |W|; one threshold per matrix",
@@ -70,9 +73,15 @@ def get_method(name: str) -> Method:
         raise PatternError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
+def is_baseline(name: str) -> bool:
+    """Whether `name` is a registered method that prunes nothing (the unpruned baseline)."""
+    method = METHODS.get(name) if isinstance(name, str) else None
+    return method is not None and not method.prunes
+
+
 __all__ = [
-    "METHODS", "Method", "get_method", "Pattern", "PatternError", "PruneResult", "NumericsError", "Option",
-    "OptionError", "check_options", "parse_pattern", "check_sparsity", "magnitude_prune", "wanda_prune",
+    "METHODS", "Method", "get_method", "is_baseline", "Pattern", "PatternError", "PruneResult", "NumericsError",
+    "Option", "OptionError", "check_options", "parse_pattern", "check_sparsity", "magnitude_prune", "wanda_prune",
     "sparsegpt_prune", "prepare_hessian", "InverseHessian", "SPARSEGPT_OPTIONS", "admm_prune", "prepare_admm",
     "ADMM_OPTIONS", "AdmmHessian", "Hessian", "ActSqNorm",
 ]

@@ -54,8 +54,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .masks import Pattern, PruneResult, compute_dtype
+from .numerics import NumericsError, damped_factor
 from .options import Option, check_options, defaults
-from .sparsegpt import NumericsError, damped_factor
 
 ADMM_OPTIONS: tuple[Option, ...] = (
     Option("iterations", int, 12, "ADMM iterations: ridge solve, projection, dual update (Boza: 20)",

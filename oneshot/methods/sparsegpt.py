@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RunError
 from .masks import Pattern, PruneResult, compute_dtype, threshold_mask
+from .numerics import damped_factor
 from .options import Option
 
 SPARSEGPT_OPTIONS = (
@@ -32,10 +32,6 @@ SPARSEGPT_OPTIONS = (
 )
 
 
-class NumericsError(RunError):
-    """Statistics that no damping can repair (non-finite values, a degenerate Hessian)."""
-
-
 @dataclass(frozen=True)
 class InverseHessian:
     """What every layer sharing one Hessian needs; computed once per distinct layer input."""
@@ -43,33 +39,6 @@ class InverseHessian:
     upper: torch.Tensor  # U = chol((H + damp*I)^-1), upper triangular, fp32 (fp64 for an fp64 H)
     dead: torch.Tensor  # bool [cols]: inputs with diag(H) == 0, whose weights are dropped
     percdamp: float  # the damping fraction actually used
-
-
-def damped_factor(hessian: torch.Tensor, percdamp: float, max_percdamp: float, factor):
-    """Dead inputs (diag H = 0) get H[j, j] = 1; then H + damp*I with damp = percdamp * mean(diag H) is
-    handed to `factor`, which returns its factorisation or None when it fails (not positive-definite);
-    on failure the damping is raised 10x (from 0: to 0.01) up to max_percdamp, with a warning.
-    Returns (factorisation, damped H, dead inputs, damping fraction used). Shared by SparseGPT and ADMM."""
-    if not torch.isfinite(hessian).all():
-        raise NumericsError("the Hessian has NaN or inf entries (the layer's inputs are not finite)")
-    H = hessian.detach().to(compute_dtype(hessian.dtype), copy=True)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    damp_frac = percdamp
-    while True:
-        damped = H + damp_frac * mean_diag * eye
-        result = factor(damped)
-        if result is not None:
-            break
-        next_frac = damp_frac * 10 if damp_frac > 0 else 0.01  # from no damping, start at 1%
-        if next_frac > max_percdamp:
-            raise NumericsError(f"Cholesky failed even with damping {damp_frac:g}; the Hessian is degenerate")
-        damp_frac = next_frac
-    if damp_frac != percdamp:
-        warnings.warn(f"Hessian was not positive-definite; used damping {damp_frac:g} instead of {percdamp:g}")
-    return result, damped, dead, damp_frac
 
 
 def _inverse_factor(damped: torch.Tensor) -> torch.Tensor | None:

@@ -107,7 +107,3 @@ def block_weight_roles(block: nn.Module) -> dict[str, tuple[nn.Parameter, str]]:
 def weight_kind(name: str) -> str:
     """A block weight's name with expert and layer numbers replaced by '*': one line per kind."""
     return re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", name)
-
-
-def model_family(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)

@@ -6,7 +6,6 @@ randomly initialised model with real shapes that needs no download (for speed wo
 """
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import json
@@ -274,18 +273,6 @@ def _experts_for_dtype(model: nn.Module, dtype: torch.dtype) -> None:
         model.set_experts_implementation("eager")
 
 
-_KEPT: dict[tuple, LoadedModel] = {}
-_KEEP = False
-
-
-def keep_loaded(enabled: bool = True) -> None:
-    """Within one process (a sweep), load each model once and hand out fresh copies of it."""
-    global _KEEP
-    _KEEP = enabled
-    if not enabled:
-        _KEPT.clear()
-
-
 def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, on_disk: bool | None = False) -> LoadedModel:
     """Load `spec` on the CPU in `dtype`, in eval mode with the KV cache off. With `on_disk` the decoder
     blocks stay on disk (a local safetensors checkpoint) or are drawn when reached (a random preset)
@@ -294,14 +281,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, on_
         on_disk = weights_stay_on_disk(spec, dtype)
     if on_disk:
         return _open_on_disk(spec, dtype, seed)
-    key = (spec, dtype, seed)
-    if _KEEP and key in _KEPT:
-        kept = _KEPT[key]
-        return LoadedModel(copy.deepcopy(kept.model), kept.tokenizer, kept.name, kept.source)
-    loaded = _load_model(spec, dtype, seed)
-    if _KEEP:
-        _KEPT[key] = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.source)
-    return loaded
+    return _load_model(spec, dtype, seed)
 
 
 # Weights larger than this share of the available host memory stay on disk unless told otherwise.

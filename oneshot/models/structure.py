@@ -43,7 +43,7 @@ class Member:
 
 
 @dataclass(frozen=True)
-class Counter:
+class UnitCountAttribute:
     """A module attribute that counts units and must follow them when units are removed.
 
     `attribute` may be "config.<key>": a value the module reads from its config at forward time
@@ -63,7 +63,7 @@ class Coupling:
     kind: str  # "heads" or "channels"
     num_units: int
     members: tuple[Member, ...]
-    counters: tuple[Counter, ...]
+    counters: tuple[UnitCountAttribute, ...]
     per_unit: tuple[tuple[str, int], ...]  # rewrite_config keyword -> amount per unit, e.g. ("num_heads", 2)
     allowed_counts: Sequence[int]  # numbers of kept units the family's config can express
     removable: bool
@@ -208,7 +208,7 @@ def _heads_coupling(spec: _Family, config, attention: AttentionMap) -> Coupling:
     members = tuple(Member(layer, ROWS, role, rows) for layer, role, rows in parts)
     members += (Member(spec.o, COLS, "o", q_rows),)
     per_unit = (("num_heads", per_group), ("num_kv_heads", 1))
-    counters = tuple(Counter(spec.attention, attribute, per_group if what == "heads" else 1)
+    counters = tuple(UnitCountAttribute(spec.attention, attribute, per_group if what == "heads" else 1)
                      for attribute, what in spec.head_counters)
 
     if spec.heads_fixed:
@@ -237,7 +237,7 @@ def _channels_coupling(spec: _Family, mlp: MlpMap) -> Coupling:
     else:
         members = (Member(spec.up, ROWS, "up", channel),)
     members += (Member(spec.down, COLS, "down", channel),)
-    counters = tuple(Counter(spec.mlp, attribute, 1) for attribute in spec.channel_counters)
+    counters = tuple(UnitCountAttribute(spec.mlp, attribute, 1) for attribute in spec.channel_counters)
     return Coupling("channels", size, members, counters, (("intermediate_size", 1),), range(1, size + 1), True)
 
 

@@ -9,7 +9,9 @@ method's:
   (Wanda's norms and the Hessian from the same forward);
 - rtn: the base method prunes, then each weight is rounded to the nearest grid value.
 
-Each layer's result carries its grid parameters (PruneResult.quantized), which export reads.
+Each layer's result carries its grid parameters (PruneResult.quantized), which export reads. The
+quantisation settings are checked here too, before any work: their own values (`check_settings`), then
+against the model's architecture (`check_model`).
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from ..methods import Method
 from ..methods.magnitude import magnitude_prune
 from ..methods.sparsegpt import prepare_hessian
 from ..methods.statistics import Hessian
+from ..settings import spelled
 from .columns import gptq, joint_prune_quantize
-from .grid import Grid, rtn
+from .grid import BITS, Grid, QuantizationError, check_group_size, rtn
 
 QUANT_METHODS = ("auto", "joint", "gptq", "rtn")
 
@@ -108,3 +111,49 @@ def quantizing(method: Method, grid: Grid, how: str) -> Method:
 
 def _damping(options: dict) -> dict:
     return {k: options[k] for k in ("percdamp", "max_percdamp") if k in options}
+
+
+# ---- checks before any work ------------------------------------------------------------------------
+
+def check_settings(spec, method, pattern) -> tuple[Grid | None, str | None]:
+    """(the grid, the resolved quantisation method), or (None, None) for a run that does not quantise."""
+    if spec.quant_method not in QUANT_METHODS:
+        raise QuantizationError(f"unknown {spelled('quant_method')} {spec.quant_method!r}; choose "
+                                f"{', '.join(QUANT_METHODS)}")
+    if spec.quantize is None:
+        for key, unset in (("group_size", None), ("symmetric", False), ("quant_method", "auto")):
+            if getattr(spec, key) != unset:
+                raise QuantizationError(f"{spelled(key)} applies to quantisation; add {spelled('quantize')} int8|int4")
+        return None, None
+    if spec.quantize not in BITS:
+        raise QuantizationError(f"{spelled('quantize')} {spec.quantize!r} is not supported; choose "
+                                f"{' or '.join(BITS)}")
+    if spec.kind in ("eval", "recover"):
+        raise QuantizationError(f"an {spec.kind} run takes the model as it is; leave out {spelled('quantize')}")
+    if spec.recover is not None:
+        raise QuantizationError(f"recovery would move the weights off the {spelled('quantize')} grid; prune and "
+                                f"recover with {spelled('save_model')}, then quantise in a second run")
+    if pattern.is_structured:
+        raise QuantizationError(f"{spelled('quantize')} is not available with a structured {spelled('pattern')} yet; "
+                                "save the structured model and quantise it in a second run")
+    how = resolve_quant_method(method.name, spec.quant_method)
+    if how == "joint" and method.name != "sparsegpt":
+        raise QuantizationError(f"{spelled('quant_method')} joint is SparseGPT's sweep; use gptq or rtn with "
+                                f"{method.name}")
+    if spec.checkpoint_dir:
+        raise QuantizationError(f"{spelled('checkpoint_dir')} cannot keep quantisation parameters yet; leave it out "
+                                f"with {spelled('quantize')}")
+    if spec.format == "gguf":  # Q8_0 and Q4_0 blocks store their scale as float16: use exactly those scales
+        import torch
+
+        return Grid(BITS[spec.quantize], spec.group_size, spec.symmetric, torch.float16), how
+    return Grid(BITS[spec.quantize], spec.group_size, spec.symmetric), how
+
+
+def check_model(skeleton, spec, grid: Grid | None) -> None:
+    """Against the model's architecture (its config, no weights)."""
+    from ..export import check_format
+
+    if grid is not None:
+        check_group_size(skeleton, grid, spelled("group_size"))
+    check_format(skeleton, spec.format, grid)

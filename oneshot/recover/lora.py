@@ -20,12 +20,12 @@ from torch import nn
 from ..errors import UsageError
 from ..models import ModelError, decoder_blocks, layer_parameter, prunable_layers
 from ..models.adapter import _is_conv1d
+from ..spec import LORA_UPDATES, Recovery
 
-DEFAULT_R = 8
-DEFAULT_ALPHA = 16
+DEFAULT_R, DEFAULT_ALPHA = Recovery().lora_r, Recovery().lora_alpha  # the settings' defaults (spec.py)
 DEFAULT_DROPOUT = 0.05
 FALLBACK_TARGETS = ("q_proj", "v_proj")
-UPDATES = ("masked", "dense")
+UPDATES = LORA_UPDATES
 KEEP = "oneshot_keep"  # the attribute that carries a base layer's mask while it is adapted
 
 
@@ -68,7 +68,7 @@ def check_targets(model: nn.Module, targets, flag: str = "--lora-targets") -> tu
 def wrap(model: nn.Module, targets, r: int = DEFAULT_R, alpha: int = DEFAULT_ALPHA,
          dropout: float = DEFAULT_DROPOUT, masks: dict | None = None, update: str = "masked") -> nn.Module:
     """The model with adapters on `targets` (only they train); the adapters' A draws from torch's RNG.
-    `masks` (name -> keep, from masks.capture_masks) is what a "masked" update is restricted to."""
+    `masks` (name -> keep, from locked.capture_masks) is what a "masked" update is restricted to."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -81,7 +81,7 @@ def wrap(model: nn.Module, targets, r: int = DEFAULT_R, alpha: int = DEFAULT_ALP
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
                         fan_in_fan_out=conv1d)  # GPT-2's Conv1D keeps weights as [in, out]
     if update == "masked" and masks:
-        from .masks import masked_layers
+        from .locked import masked_layers
 
         layers = masked_layers(model, masks)
         for layer, keep in layers:  # on the layer's device once, not moved at every forward

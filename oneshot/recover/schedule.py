@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
-SPARSITY_SCHEDULES = ("linear", "cubic")
+from ..spec import LR_SCHEDULES, SPARSITY_SCHEDULES  # declared beside their settings
 
 
 def lr_factor(step: int, total: int, warmup: int = 0, kind: str = "cosine") -> float:

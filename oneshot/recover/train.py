@@ -10,6 +10,7 @@ to the run that was never interrupted.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,37 +24,24 @@ from tqdm.auto import tqdm
 from ..atomic import write_atomic
 from ..errors import RunError
 from ..models import decoder_blocks, prunable_layers
+from ..spec import Recovery
 from . import lora
+from .locked import apply_masks, capture_masks, mask_gradients, masks_hold
 from .losses import recovery_loss
-from .masks import apply_masks, capture_masks, mask_gradients, masks_hold
 from .schedule import lr_factor
 
 
-@dataclass
-class TrainSettings:
-    mode: str = "full"  # full | lora
-    steps: int = 100
-    lr: float = 5e-5  # full mode's documented default (spec.DEFAULT_LR); run() always passes the resolved one
-    schedule: str = "cosine"
-    warmup: int = 0
-    batch_size: int = 8
-    grad_accum: int = 1
-    seed: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    temperature: float = 1.0  # distillation only
-    alpha: float = 1.0  # distillation's share of the loss
-    lora_r: int = lora.DEFAULT_R
-    lora_alpha: int = lora.DEFAULT_ALPHA
-    lora_dropout: float = lora.DEFAULT_DROPOUT
-    lora_targets: tuple = ()  # () -> the family's query and value projections
-    lora_update: str = "masked"  # masked: the adapters' update is masked in the forward | dense (lora.py)
-    checkpoint_every: int | None = None
+# The loop's own constants; the user's settings are spec.Recovery.
+WEIGHT_DECAY = 0.0
+MAX_GRAD_NORM = 1.0
 
-    def fingerprint(self) -> dict:
-        data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-        data.pop("checkpoint_every")
-        return data
+
+def training_fingerprint(recovery: Recovery, seed: int) -> dict:
+    """What a resumed recovery must share with the run it continues (its checkpoint's fingerprint)."""
+    data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(recovery).items()
+            if k not in ("checkpoint_every", "eval_at")}
+    return dict(data, lr=recovery.peak_lr, seed=seed, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
+                lora_dropout=lora.DEFAULT_DROPOUT)
 
 
 @dataclass
@@ -66,7 +54,8 @@ class TrainResult:
     tokens_per_step: int
     masks_held: bool
     lora_targets: tuple = ()
-    evaluations: dict = field(default_factory=dict)  # step -> what `evaluate_at` returned
+    evaluations: dict = field(default_factory=dict)  # step -> what `evaluate` returned at recovery.eval_at
+    lora_dropout: float = lora.DEFAULT_DROPOUT
 
 
 class TrainCheckpointError(RunError):
@@ -137,26 +126,25 @@ def batch_rows(step: int, micro: int, batch_size: int, grad_accum: int, nrows: i
     return torch.arange(first, first + batch_size) % nrows
 
 
-def train(model: nn.Module, windows: torch.Tensor, settings: TrainSettings, device: str = "cpu",
+def train(model: nn.Module, windows: torch.Tensor, settings: Recovery, device: str = "cpu",
           teacher: nn.Module | None = None, checkpoint: TrainCheckpoint | None = None, resume: bool = False,
-          progress: bool = True, evaluate_at: tuple[int, ...] = (),
-          evaluate: Callable[[nn.Module], dict] | None = None,
-          stop_after: int | None = None) -> TrainResult:
-    """Recover `model` (pruned, on CPU) on `windows` [n, seqlen]; returns it with the masks exact.
-    `evaluate(plain_model)` runs after the steps in `evaluate_at`, on the model as it would be saved.
-    `stop_after` ends the loop early after that step (an interruption, for tests)."""
+          progress: bool = True, evaluate: Callable[[nn.Module], dict] | None = None,
+          stop_after: int | None = None, seed: int = 0, checkpoint_every: int | None = None) -> TrainResult:
+    """Recover `model` (pruned, on CPU) on `windows` [n, seqlen] as `settings` say; returns it with the
+    masks exact. `evaluate(plain_model)` runs after the steps in settings.eval_at, on the model as it
+    would be saved. `stop_after` ends the loop early after that step (an interruption, for tests)."""
     masks = capture_masks(model)
     dtype = next(model.parameters()).dtype
     model.to(device=device, dtype=torch.float32)
     if teacher is not None:
         teacher.to(device).eval()
         teacher.requires_grad_(False)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     targets = ()
     model.requires_grad_(False)
     if settings.mode == "lora":
         targets = lora.check_targets(model, settings.lora_targets)
-        model = lora.wrap(model, targets, settings.lora_r, settings.lora_alpha, settings.lora_dropout, masks,
+        model = lora.wrap(model, targets, settings.lora_r, settings.lora_alpha, lora.DEFAULT_DROPOUT, masks,
                           settings.lora_update)
         trainable = {n: p for n, p in model.named_parameters() if "lora_" in n}
         for p in trainable.values():
@@ -165,7 +153,7 @@ def train(model: nn.Module, windows: torch.Tensor, settings: TrainSettings, devi
         trainable = full_trainable(model)
         for p in trainable.values():
             p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=settings.peak_lr, weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, settings.steps, settings.warmup, settings.schedule))
     start, curve = 0, []
@@ -202,8 +190,7 @@ def train(model: nn.Module, windows: torch.Tensor, settings: TrainSettings, devi
             del logits, teacher_logits, loss
         if settings.mode == "full":
             mask_gradients(model, masks)
-        if settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), settings.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), MAX_GRAD_NORM)
         optimizer.step()
         scheduler.step()
         if settings.mode == "full":
@@ -212,10 +199,10 @@ def train(model: nn.Module, windows: torch.Tensor, settings: TrainSettings, devi
         last = step + 1
         elapsed = time.perf_counter() - started - eval_seconds
         bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(last - start) * tokens_per_step / max(elapsed, 1e-9):.0f}")
-        if checkpoint is not None and settings.checkpoint_every and last % settings.checkpoint_every == 0 \
+        if checkpoint is not None and checkpoint_every and last % checkpoint_every == 0 \
                 and last < settings.steps:
             checkpoint.save(last, trainable, optimizer, scheduler, curve)
-        if evaluate is not None and last in evaluate_at and last < settings.steps:
+        if evaluate is not None and last in settings.eval_at and last < settings.steps:
             evaluated = time.perf_counter()
             evaluations[last] = _evaluate_as_saved(model, masks, settings.mode, evaluate)
             eval_seconds += time.perf_counter() - evaluated

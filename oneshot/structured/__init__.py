@@ -3,7 +3,7 @@ result is a smaller dense model with a rewritten config that plain transformers 
 
 - criteria.py: the criteria (`--method` with a structured `--pattern`) and which patterns each scores
 - budget.py: parameter counts and how many units meet a target fraction
-- scores.py, refit.py, statistics.py: the maths, as functions of tensors
+- scores.py, refit.py, moments.py: the maths, as functions of tensors
 - passes.py: the backward pass and the hidden-state pass some criteria need
 - driver.py: `check_structured` and `prune_structured`, what the run API calls
 """

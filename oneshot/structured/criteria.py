@@ -1,17 +1,23 @@
 """The structured criteria (`--method` with a structured `--pattern`), and the checks that pair them.
 
-A criterion scores whole units; which patterns it can score and what it reads are declared here, so
-that the run's validation refuses a pairing that cannot apply in one line, before any work:
-`--method sparsegpt --pattern heads`, `--method flap --pattern unstructured` or
-`--method block-influence --pattern channels`. The maths is in scores.py and refit.py, the pass over
-the model in driver.py.
+A criterion scores whole units; which patterns it can score, what it reads, how it turns that into
+scores and what it puts back after removal are declared here, so that the run's validation refuses a
+pairing that cannot apply in one line, before any work (`--method sparsegpt --pattern heads`,
+`--method flap --pattern unstructured` or `--method block-influence --pattern channels`), and the
+pass over the model (driver.py) follows the declarations without naming a criterion. The maths is in
+scores.py and refit.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
+import torch
+
+from ..methods import is_baseline
 from ..methods.masks import STRUCTURED_PATTERNS, Pattern, PatternError
 from ..methods.options import Option, check_options
+from . import scores as S
 
 UNITS = ("heads", "channels", "width")  # patterns that remove units inside every block
 ALL = ("layers",) + UNITS
@@ -26,6 +32,51 @@ BIAS_COMPENSATION = Option("bias_compensation", bool, True,
 WEIGHTS, ACTIVATIONS, GRADIENTS, HIDDEN = "weights", "activations", "gradients", "hidden states"
 
 
+# ---- scoring units inside a block: (consuming projection's weight [outputs, inputs], the moments of its
+# inputs (moments.ChannelMoments, or None when the criterion reads only weights), index [units, width]) -> scores
+
+def _magnitude_units(weight: torch.Tensor, _moments, index: torch.Tensor) -> torch.Tensor:
+    return S.magnitude_sp(weight, index)
+
+
+def _wanda_units(weight: torch.Tensor, moments, index: torch.Tensor) -> torch.Tensor:
+    return S.wanda_sp(weight, moments.sq_norm, index)
+
+
+def _flap_units(weight: torch.Tensor, moments, index: torch.Tensor) -> torch.Tensor:
+    return S.flap(weight, moments.variance, index)
+
+
+# ---- choosing whole blocks: (what the criterion reads for the whole model, how many blocks to remove) ->
+# (the removed blocks' indices, the scores recorded). What it reads, by `reads`: WEIGHTS, each block's linear
+# weights; GRADIENTS, passes.first_order's per-block {"blocks": score}; HIDDEN, passes.hidden_states's
+# (influence per block, last-token states).
+
+def _lowest_blocks(scores: list[float], count: int) -> tuple[list[int], list[float]]:
+    return S.lowest(torch.tensor(scores, dtype=torch.float64), count), scores
+
+
+def _magnitude_blocks(weights_per_block, count: int):
+    return _lowest_blocks([S.block_magnitude(weights) for weights in weights_per_block], count)
+
+
+def _first_order_blocks(per_block: list[dict], count: int):
+    return _lowest_blocks([float(block["blocks"]) for block in per_block], count)
+
+
+def _influence_blocks(hidden, count: int):
+    influence, _states = hidden
+    return S.lowest(influence, count), influence.tolist()
+
+
+def _angular_blocks(hidden, count: int):
+    _influence, states = hidden
+    first = S.angular_window(states, count) if count else 0
+    scores = [float(S.angular_distance(states[i], states[i + max(count, 1)]).mean())
+              for i in range(len(states) - max(count, 1))]
+    return list(range(first, first + count)), scores
+
+
 @dataclass(frozen=True)
 class Criterion:
     name: str
@@ -34,6 +85,17 @@ class Criterion:
     summary: str
     source: str  # the paper it follows
     options: tuple[Option, ...] = ()
+    # Units inside blocks: (weight, moments, index) -> one score per unit, as above. None: the scores
+    # come from the backward pass (reads GRADIENTS).
+    unit_score: Optional[Callable] = None
+    # Whole blocks: (what it reads, count) -> (removed, scores), as above. None: it cannot score blocks.
+    choose_blocks: Optional[Callable] = None
+    # After removing inputs of a consuming projection, its bias gains W[:, removed] @ mean(x[removed])
+    # (unless the option bias_compensation=false, or a least-squares refit replaces it).
+    compensates_bias: bool = False
+    # The input statistics come from the unpruned model (each block's inputs as the dense model computes
+    # them), not from the upstream blocks as already pruned.
+    dense_statistics: bool = False
 
     @property
     def statistic(self):
@@ -46,6 +108,10 @@ class Criterion:
     def check_options(self, given: dict | None) -> dict:
         return check_options(f"method {self.name}", self.options, given)
 
+    def bias_compensation(self, options: dict) -> bool:
+        """Whether this run puts the removed inputs' mean into the consuming projection's bias."""
+        return self.compensates_bias and bool(options.get(BIAS_COMPENSATION.name, BIAS_COMPENSATION.default))
+
     def options_for(self, structure: str) -> tuple[Option, ...]:
         """The options that mean something with `structure` (a refit needs units inside blocks)."""
         return tuple(o for o in self.options if structure in UNITS or o.name != "reconstruct")
@@ -54,26 +120,28 @@ class Criterion:
 CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     Criterion("magnitude", ALL, WEIGHTS,
               "units: L2 norms of the consuming projection's input columns; blocks: sum |W|",
-              "Magnitude-sp (An et al., 2024); block magnitude (Kim et al., 2024)", (RECONSTRUCT,)),
+              "Magnitude-sp (An et al., 2024); block magnitude (Kim et al., 2024)", (RECONSTRUCT,),
+              unit_score=_magnitude_units, choose_blocks=_magnitude_blocks),
     Criterion("wanda", UNITS, ACTIVATIONS,
               "mean over rows of |W_ij| * ||X_j||_2 at the consuming projection, summed per unit",
-              "Wanda-sp (An et al., 2024)", (RECONSTRUCT,)),
+              "Wanda-sp (An et al., 2024)", (RECONSTRUCT,), unit_score=_wanda_units),
     Criterion("flap", UNITS, ACTIVATIONS,
               "fluctuation Var(X_j) * ||W_:,j||^2 at the consuming projection, with bias compensation",
-              "FLAP (An et al., 2024)", (RECONSTRUCT, BIAS_COMPENSATION)),
+              "FLAP (An et al., 2024)", (RECONSTRUCT, BIAS_COMPENSATION), unit_score=_flap_units,
+              compensates_bias=True, dense_statistics=True),  # the authors' code reads the dense model
     Criterion("taylor", ALL, GRADIENTS,
               "sum of |w * dL/dw| over the unit's (or block's) weights",
               "LLM-Pruner element-wise first order (Ma et al., 2023); Taylor blocks (Kim et al., 2024)",
-              (RECONSTRUCT,)),
+              (RECONSTRUCT,), choose_blocks=_first_order_blocks),
     Criterion("gradient", ALL, GRADIENTS,
               "mean over sequences of |dL/dm| for a gate m on the unit's output (or the block's residual branch)",
-              "head importance (Michel et al., 2019)", (RECONSTRUCT,)),
+              "head importance (Michel et al., 2019)", (RECONSTRUCT,), choose_blocks=_first_order_blocks),
     Criterion("block-influence", ("layers",), HIDDEN,
               "1 - mean cosine similarity between a block's input and output",
-              "ShortGPT (Men et al., 2024)"),
+              "ShortGPT (Men et al., 2024)", choose_blocks=_influence_blocks),
     Criterion("angular", ("layers",), HIDDEN,
               "remove the n consecutive blocks whose input and output (last token) are the closest in angle",
-              "Gromov et al., 2024"),
+              "Gromov et al., 2024", choose_blocks=_angular_blocks),
 )}
 
 
@@ -97,7 +165,7 @@ def resolve_method(name: str, pattern: Pattern, methods: dict, method_flag: str 
     structure = pattern.structure
     criterion = CRITERIA.get(name)
     if criterion is None:
-        does = "removes nothing" if name == "dense" else "zeroes weights and cannot choose units"
+        does = "removes nothing" if is_baseline(name) else "zeroes weights and cannot choose units"
         raise PatternError(f"{method_flag} {name} {does} for {pattern_flag} {structure}; choose one of "
                            f"{_choices(structure)}")
     if structure not in criterion.patterns:

@@ -5,12 +5,14 @@
 
 Units inside blocks (heads, channels, width) go through the engine's streaming pass, one block at a
 time: gather the consuming projections' input statistics, score the units, remove the lowest-scored
-ones from every member layer (the structure map's `remove_units`), then compensate the bias (flap)
-or refit by least squares (`reconstruct`), and hand the block's outputs to the next block. Wanda-sp
-and the others see the already-pruned upstream blocks, as Wanda's and FLAP's Wanda-sp code do; FLAP
-sees the dense model's activations, as the authors' code does. Gradient criteria read one backward
-pass of the dense model first. Whole blocks (layers) are scored on the dense model and removed at
-once. Nothing here names a model family: the structure map says what belongs to what.
+ones from every member layer (the structure map's `remove_units`), then compensate the bias (a
+criterion that declares `compensates_bias`: flap) or refit by least squares (`reconstruct`), and hand
+the block's outputs to the next block. Wanda-sp and the others see the already-pruned upstream blocks,
+as Wanda's and FLAP's Wanda-sp code do; a criterion that declares `dense_statistics` (FLAP) sees the
+dense model's activations, as the authors' code does. Gradient criteria read one backward pass of the
+dense model first. Whole blocks (layers) are scored on the dense model and removed at once. Nothing
+here names a model family or a criterion: the structure map says what belongs to what, and each
+Criterion (criteria.py) how it scores and what it puts back.
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ from ..models import (COLS, ROWS, ModelError, decoder_blocks, get_weight, prunab
                       remove_units, rewrite_config, set_weight, structure_map, update_model_config)
 from . import scores as S
 from .budget import Removal, Sizes, plan_removal
-from .criteria import ACTIVATIONS, GRADIENTS, Criterion
+from .criteria import ACTIVATIONS, CRITERIA, GRADIENTS, HIDDEN, WEIGHTS, Criterion
+from .moments import channel_stats
 from .passes import first_order, hidden_states
 from .refit import compensation, least_squares
-from .statistics import channel_stats
 
 
 @dataclass
@@ -82,14 +84,15 @@ def check_structured(model: nn.Module, criterion: Criterion, pattern: Pattern, s
     if structure == "layers" and smap.trailing_blocks_only:
         raise PatternError(f"pattern layers: {smap.blocks_reason}, not the blocks a criterion chooses")
     removal = plan_removal(structure, sparsity, model_sizes(model, smap), flag)
-    if criterion.name == "flap" and options.get("bias_compensation", True):
+    if criterion.bias_compensation(options):
         for kind, count in (("heads", removal.heads), ("channels", removal.channels)):
             part = smap.attention if kind == "heads" else smap.mlp
             has_bias = part.o_bias if kind == "heads" else part.down_bias
             if count and not has_bias and part.bias_switch is None:
-                raise PatternError(f"flap's bias compensation needs a bias on {_consumer(smap.coupling(kind)).layer}, "
-                                   f"which {smap.family}'s config cannot give it; pass --option "
-                                   "bias_compensation=false to remove by the fluctuation score alone")
+                raise PatternError(f"{criterion.name}'s bias compensation needs a bias on "
+                                   f"{_consumer(smap.coupling(kind)).layer}, which {smap.family}'s config cannot "
+                                   "give it; pass --option bias_compensation=false to remove by the fluctuation "
+                                   "score alone")
     return smap, removal
 
 
@@ -154,26 +157,15 @@ def _remove_layers(model, smap, criterion: Criterion, removal: Removal, ids, dev
                    structure: dict) -> list[int]:
     count = removal.blocks
     blocks = decoder_blocks(model)
-    if criterion.name in ("block-influence", "angular"):
-        influence, states = hidden_states(model, ids, device, batch_size, progress)
-        if criterion.name == "angular":
-            first = S.angular_window(states, count) if count else 0
-            removed = list(range(first, first + count))
-            scores = [float(S.angular_distance(states[i], states[i + max(count, 1)]).mean())
-                      for i in range(len(states) - max(count, 1))]
-        else:
-            scores = influence.tolist()
-            removed = S.lowest(influence, count)
-    elif criterion.name == "magnitude":
-        scores = [S.block_magnitude(get_weight(layer) for layer in prunable_layers(block).values())
-                  for block in blocks]
-        removed = S.lowest(torch.tensor(scores, dtype=torch.float64), count)
+    if criterion.choose_blocks is None or criterion.reads not in (WEIGHTS, GRADIENTS, HIDDEN):  # pragma: no cover
+        raise PatternError(f"{criterion.name} cannot score blocks")  # criteria.py pairs criteria with patterns
+    if criterion.reads == HIDDEN:
+        read = hidden_states(model, ids, device, batch_size, progress)
     elif criterion.reads == GRADIENTS:
-        per_block = first_order(model, smap, ["blocks"], ids, criterion.name, device, batch_size, progress)
-        scores = [float(block["blocks"]) for block in per_block]
-        removed = S.lowest(torch.tensor(scores, dtype=torch.float64), count)
-    else:  # pragma: no cover - criteria.py pairs criteria with patterns
-        raise PatternError(f"{criterion.name} cannot score blocks")
+        read = first_order(model, smap, ["blocks"], ids, criterion.name, device, batch_size, progress)
+    else:  # WEIGHTS
+        read = [[get_weight(layer) for layer in prunable_layers(block).values()] for block in blocks]
+    removed, scores = criterion.choose_blocks(read, count)
     kept = [i for i in range(len(blocks)) if i not in removed]
     if removed:
         remove_blocks(model, kept)
@@ -196,16 +188,14 @@ def enable_bias(model: nn.Module, smap, kind: str) -> None:
                                                       device=weight.device), requires_grad=weight.requires_grad)
 
 
-def unit_scores(criterion: str, coupling, layer: nn.Module, moments=None, precomputed=None) -> torch.Tensor:
-    """Scores of `coupling`'s units in one block; `layer` is its consuming projection."""
-    index = _consumer(coupling).indices
-    if criterion == "magnitude":
-        return S.magnitude_sp(get_weight(layer), index)
-    if criterion == "wanda":
-        return S.wanda_sp(get_weight(layer), moments.sq_norm, index)
-    if criterion == "flap":
-        return S.flap(get_weight(layer), moments.variance, index)
-    return precomputed  # taylor, gradient: from the backward pass
+def unit_scores(criterion: Criterion | str, coupling, layer: nn.Module, moments=None,
+                precomputed=None) -> torch.Tensor:
+    """Scores of `coupling`'s units in one block; `layer` is its consuming projection. `criterion` is a
+    Criterion or its name in CRITERIA."""
+    criterion = CRITERIA[criterion] if isinstance(criterion, str) else criterion
+    if criterion.unit_score is None:
+        return precomputed  # taylor, gradient: from the backward pass
+    return criterion.unit_score(get_weight(layer), moments, _consumer(coupling).indices)
 
 
 def _remove_units(model, smap, criterion: Criterion, removal: Removal, ids, device, batch_size, options, progress,
@@ -215,8 +205,8 @@ def _remove_units(model, smap, criterion: Criterion, removal: Removal, ids, devi
     if not plan:
         return
     reconstruct = bool(options.get("reconstruct", False))
-    compensate = criterion.name == "flap" and options.get("bias_compensation", True) and not reconstruct
-    fit_bias_everywhere = criterion.name == "flap" and options.get("bias_compensation", True)
+    fit_bias_everywhere = criterion.bias_compensation(options)
+    compensate = fit_bias_everywhere and not reconstruct
     precomputed = None
     if criterion.reads == GRADIENTS:
         precomputed = first_order(model, smap, [c.kind for c, _ in plan], ids, criterion.name, device, batch_size,
@@ -227,7 +217,7 @@ def _remove_units(model, smap, criterion: Criterion, removal: Removal, ids, devi
             if part.bias_switch is not None:
                 enable_bias(model, smap, coupling.kind)
     needs_stream = criterion.reads == ACTIVATIONS or reconstruct
-    dense_stream = criterion.name == "flap"  # FLAP's statistics come from the unpruned model
+    dense_stream = criterion.dense_statistics
     removed_heads: dict[int, list[int]] = {}
 
     def stage(visit) -> None:
@@ -241,7 +231,7 @@ def _remove_units(model, smap, criterion: Criterion, removal: Removal, ids, devi
         for coupling, count in plan:
             member = _consumer(coupling)
             layer = visit.layers[member.layer]
-            scores = unit_scores(criterion.name, coupling, layer, moments.get(member.layer),
+            scores = unit_scores(criterion, coupling, layer, moments.get(member.layer),
                                  None if precomputed is None else precomputed[visit.index][coupling.kind])
             removed = S.lowest(scores, count)
             kept = [u for u in range(coupling.num_units) if u not in removed]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods.sparsegpt import NumericsError
+from ..methods.numerics import NumericsError
 
 
 def compensation(weight: torch.Tensor, mean: torch.Tensor, removed) -> torch.Tensor:

@@ -1,21 +1,21 @@
-"""A sweep config: a grid of models x methods x allocations x patterns x sparsities x option values,
-expanded into RunSpecs. Every grid point is then checked by the one RunSpec validation.
+"""A sweep config: a grid of runs, expanded into RunSpecs. Its keys come from the settings table
+(oneshot/spec.py): the grid keys in the plural (models, methods, patterns, sparsities, allocations),
+`options` (NAME: value or [values]), and every other key of a run config, shared by all runs or, given a
+list of values, a grid axis of its own (`sequential: [false, true]`, `recover: {steps: [50, 100]}`).
 
     models: [smollm2-135m]
     methods: [magnitude, wanda, sparsegpt]
     patterns: [unstructured, "2:4"]            # N:M runs ignore sparsities (they prune N/M)
     sparsities: [0.1, 0.2, 0.3]
-    allocations: [uniform]                     # optional
     options: {percdamp: [0.01, 0.1]}           # optional; each goes to the methods that declare it
     calibration: {source: wiki-offline, nsamples: 32, seqlen: 512, seed: 0}
     eval: {ppl: [wiki-offline], samples: 40}
-    device: auto
-    dtype: auto
     results: results.jsonl                     # relative to the config file's directory
     paper: {table: ..., source: ..., eval: ..., ppl: {...}}   # optional, used by `oneshot report`
 
-Each run's `run_key` hashes the settings that determine its result; the dense baseline runs once per
-model. See experiments/README.md for every key.
+Every grid point is then checked by the run's own checks (plan.check_fields). Each run's `run_key`
+hashes the settings that decide its result; the dense baseline runs once per model. docs/cli.md lists
+every key.
 """
 from __future__ import annotations
 
@@ -27,26 +27,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..spec import YAML_NAMES, Calibration, Evaluation, RunSpec, check_keys, resolve_path, resolve_source, source_list
+from ..settings import Spelling, check_keys, entry, flatten, resolve_path, shape, table, with_values
+from ..spec import RunSpec
 from ..yamlio import read_yaml
 
-TOP_KEYS = ("models", "methods", "patterns", "sparsities", "allocations", "options", "sequential", "calibration", "eval", "device",
-            "dtype", "batch_size", "results", "paper")
-CALIBRATION_KEYS = ("source", "nsamples", "seqlen", "seed")
-EVAL_KEYS = ("ppl", "samples", "tasks", "limit")
+SWEEP_ONLY = ("results", "paper")
+PER_RUN = ("output", "save_model", "checkpoint_dir", "resume", "overwrite")  # what one run writes: not in a grid
 PAPER_KEYS = ("table", "source", "eval", "ppl", "notes")
-CALIBRATION_DEFAULTS = {"source": "wiki-offline", "nsamples": 128, "seqlen": 2048, "seed": 0}
-# How a grid point's fields are named in the config, for messages.
-SWEEP_NAMES = dict(YAML_NAMES, model="models", method="methods", sparsity="sparsities", pattern="patterns",
-                   allocation="allocations")
+# Every run of a sweep states its calibration and evaluation window, so all rows share one protocol.
+CALIBRATION_DEFAULTS = {"calibration.source": "wiki-offline", "calibration.nsamples": 128, "calibration.seqlen": 2048,
+                        "seed": 0}
+# The run key's shape for these is fixed (0.2.0's keys stay valid); every other keyed setting that
+# differs from its default joins the key under its own name.
+KEY_CORE = ("model", "method", "pattern", "sparsity", "calibration.source", "calibration.nsamples",
+            "calibration.seqlen", "seed", "eval.ppl", "eval.samples", "eval.tasks", "eval.limit", "dtype")
+SWEEP_NAMES = Spelling("sweep")
+
+
+def grid_keys() -> dict[str, str]:
+    """Plural grid key -> the setting's path (models -> model)."""
+    return {e.setting.sweep: e.path for e in table() if e.setting.sweep}
+
+
+def config_keys() -> list[str]:
+    """The top-level keys a sweep config takes, in the table's order."""
+    keys = []
+    for e in table():
+        if not e.setting.yaml or e.path in PER_RUN:
+            continue
+        key = e.setting.sweep or e.path.split(".")[0]
+        if key not in keys:
+            keys.append(key)
+    return keys + list(SWEEP_ONLY)
+
+
+def is_baseline(spec: RunSpec) -> bool:
+    from ..methods import is_baseline as baseline_method
+
+    return baseline_method(spec.method)
 
 
 def spec_sparsity(spec: RunSpec):
-    """The sparsity a spec prunes to (N/M for N:M, 0 for dense), without validating it (a value that
-    is not a number is returned as it is, for validation to refuse)."""
+    """The sparsity a spec prunes to (N/M for N:M, 0 for the baseline), without validating it (a value
+    that is not a number is returned as it is, for validation to refuse)."""
     from ..methods import PatternError, parse_pattern
 
-    if spec.method == "dense":
+    if is_baseline(spec):
         return 0.0
     try:
         pattern = parse_pattern(spec.pattern)
@@ -61,6 +87,7 @@ def spec_sparsity(spec: RunSpec):
 def uses_calibration(spec: RunSpec) -> bool:
     from ..allocation import ALLOCATIONS
     from ..methods import METHODS, PatternError, parse_pattern
+    from ..plan import reads_calibration
     from ..structured import resolve_method
 
     try:  # a structured pattern names a criterion, whose options may also read calibration data
@@ -68,9 +95,23 @@ def uses_calibration(spec: RunSpec) -> bool:
     except PatternError:
         method = METHODS.get(spec.method)
     allocation = ALLOCATIONS.get(spec.allocation)
-    reads = getattr(method, "reads_calibration", None)
-    method_reads = reads(spec.options) if reads else bool(method and method.statistic)
-    return bool(method_reads or (allocation and allocation.statistic))
+    if method is None or allocation is None:
+        return False
+    return reads_calibration(method, spec.options, allocation)
+
+
+def _extras(spec: RunSpec) -> list[tuple[str, object]]:
+    """The keyed settings outside the key's fixed core that differ from their defaults."""
+    from ..settings import get
+
+    found = []
+    for e in table():
+        if not e.setting.keyed or e.path in KEY_CORE or (e.part and getattr(spec, e.part) is None):
+            continue
+        value = get(spec, e.path)
+        if value != e.default:
+            found.append((e.path, value))
+    return found
 
 
 def key_config(spec: RunSpec) -> dict:
@@ -83,14 +124,10 @@ def key_config(spec: RunSpec) -> dict:
     if spec.eval.tasks not in ("", "none"):
         evaluation.update(tasks=spec.eval.tasks.split(","), limit=spec.eval.limit)
     key = {"model": spec.model, "method": spec.method, "pattern": spec.pattern,
-           "sparsity": spec_sparsity(spec), "calibration": calibration, "eval": evaluation,
-           "dtype": spec.dtype}
-    if spec.options:
-        key["options"] = dict(sorted(spec.options.items()))
-    if spec.allocation != "uniform":
-        key["allocation"] = spec.allocation
-    if spec.sequential:
-        key["sequential"] = True
+           "sparsity": spec_sparsity(spec), "calibration": calibration, "eval": evaluation, "dtype": spec.dtype}
+    for path, value in _extras(spec):
+        key[path] = dict(sorted(value.items())) if isinstance(value, dict) else \
+            list(value) if isinstance(value, tuple) else value
     return key
 
 
@@ -100,8 +137,8 @@ def run_key(spec: RunSpec) -> str:
 
 
 def label(spec: RunSpec) -> str:
-    if spec.method == "dense":
-        return f"{spec.model} dense"
+    if is_baseline(spec):
+        return f"{spec.model} {spec.method}"
     pattern = str(spec.pattern)
     if ":" in pattern:
         setting = pattern
@@ -109,9 +146,17 @@ def label(spec: RunSpec) -> str:
         setting = f"{spec_sparsity(spec):g}"
     else:  # structured: "layers 0.2"
         setting = f"{pattern} {spec_sparsity(spec):g}"
-    extra = "" if spec.allocation == "uniform" else f" {spec.allocation}"
-    extra += " sequential" if spec.sequential else ""
-    extra += "".join(f" {k}={v}" for k, v in spec.options.items())
+    extra = ""
+    for path, value in _extras(spec):
+        e = entry(path)
+        if isinstance(value, dict):
+            extra += "".join(f" {k}={v}" for k, v in value.items())
+        elif e.type is bool:
+            extra += f" {e.name}" if value else f" no-{e.name}"
+        elif e.setting.sweep:  # a grid key's value speaks for itself: "owl"
+            extra += f" {value}"
+        else:
+            extra += f" {path}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
     return f"{spec.model} {spec.method}{extra} {setting}"
 
 
@@ -124,46 +169,64 @@ class SweepConfig:
     sparsities: list
     allocations: list
     options: dict  # name -> list of values
-    base: RunSpec  # what every run shares (calibration, evaluation, device, dtype, batch size)
+    base: RunSpec  # what every run shares (calibration, evaluation, device, dtype, ...)
     results: Path
+    axes: dict = field(default_factory=dict)  # setting path -> list of values: grid axes beyond the plural keys
     paper: dict | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
     def runs(self) -> list[RunSpec]:
-        """Per model: the dense baseline, then every pattern x method x allocation x option values
-        (x sparsity when unstructured); duplicates removed."""
+        """Per model: the dense baseline, then every pattern x method x allocation x option values x other
+        axes (x sparsity when not N:M); duplicates removed."""
+        return self._expand()[0]
+
+    def skipped(self) -> list[str]:
+        """The method x pattern (x allocation) pairs the grid leaves out because they cannot run, one line each."""
+        return self._expand()[1]
+
+    def _expand(self) -> tuple[list[RunSpec], list[str]]:
         from ..allocation import ALLOCATIONS
-        from ..methods import METHODS, PatternError, parse_pattern
+        from ..methods import METHODS, PatternError, is_baseline as baseline_method, parse_pattern
         from ..structured import resolve_method
 
-        runs = []
+        runs, skipped = [], []
+        baseline_changes = {e.path: e.default for e in table() if not e.setting.baseline and e.part is None}
+        axes = [[(path, value) for value in values] for path, values in self.axes.items()]
         for model in self.models:
-            runs.append(self.base.replace(model=model, method="dense", pattern="unstructured", sparsity=None,
-                                          sequential=False))
+            baselines = [m for m in METHODS if baseline_method(m)]
+            for values in itertools.product(*axes):
+                shared = {p: v for p, v in values if entry(p).setting.baseline and not entry(p).part}
+                runs.append(with_values(self.base.replace(model=model, method=baselines[0], recover=None,
+                                                          **baseline_changes), shared))
             for pattern, method, allocation in itertools.product(self.patterns, self.methods, self.allocations):
-                if method == "dense":
+                if baseline_method(method):
                     continue
                 try:  # the pattern picks the registry (a structured one names a criterion)
                     resolved = resolve_method(method, parse_pattern(pattern), METHODS)
-                except PatternError:
+                except PatternError as exc:
+                    skipped.append(f"{method} x {pattern}: {exc}")
                     continue  # e.g. block-influence x heads: a grid of criteria x patterns keeps the pairs that apply
                 if parse_pattern(pattern).is_nm and not getattr(ALLOCATIONS.get(allocation), "accepts_nm", True):
-                    continue  # e.g. owl x 2:4: N:M fixes every layer's sparsity, so there is nothing to allocate
+                    skipped.append(f"{method} x {pattern} x {allocation}: N:M fixes every layer's sparsity, so "
+                                   "there is nothing to allocate")
+                    continue
                 options_for = getattr(resolved, "options_for", lambda _structure: resolved.options)
                 declared = {o.name for o in options_for(pattern)}  # a structured one: those that apply to it
                 declared |= {o.name for o in getattr(ALLOCATIONS.get(allocation), "options", ())}
                 names = [name for name in self.options if name in declared]
-                for values in itertools.product(*(self.options[name] for name in names)):
-                    common = dict(model=model, method=method, pattern=pattern, allocation=allocation,
-                                  options=dict(zip(names, values)))
-                    if not parse_pattern(pattern).is_nm:  # unstructured and structured take the sparsities
-                        runs += [self.base.replace(sparsity=s, **common) for s in self.sparsities]
-                    else:
-                        runs.append(self.base.replace(sparsity=None, **common))
+                for option_values in itertools.product(*(self.options[name] for name in names)):
+                    for values in itertools.product(*axes):
+                        common = self.base.replace(model=model, method=method, pattern=pattern, allocation=allocation,
+                                                   options=dict(zip(names, option_values)))
+                        common = with_values(common, dict(values))
+                        if not parse_pattern(pattern).is_nm:  # unstructured and structured take the sparsities
+                            runs += [common.replace(sparsity=s) for s in self.sparsities]
+                        else:
+                            runs.append(common.replace(sparsity=None))
         unique = {}
         for spec in runs:
             unique.setdefault(run_key(spec), spec)
-        return list(unique.values())
+        return list(unique.values()), skipped
 
 
 def _as_list(where: str, value) -> list:
@@ -185,16 +248,17 @@ def _names(where: str, value) -> list[str]:
 
 
 def load_config(path: str | Path) -> SweepConfig:
-    """Read the config and check its shape; every grid point is validated by `check_runs`."""
-    from ..methods import PatternError, parse_pattern
+    """Read the config and check its shape; every grid point is checked by `check_runs`."""
+    from ..methods import PatternError, is_baseline as baseline_method, parse_pattern
 
     path = Path(path).expanduser().resolve()
     where = f"config {path}"
     data = read_yaml(path)
-    check_keys(data, TOP_KEYS, "", where)
+    check_keys(data, config_keys(), "", where)
     for required in ("models", "methods"):
         if data.get(required) is None:
             raise UsageError(f"{where}: missing required key {required!r}")
+    plural = grid_keys()
     models = _names(f"{where}: models", data["models"])
     methods = _names(f"{where}: methods", data["methods"])
     allocations = _names(f"{where}: allocations", data.get("allocations", "uniform"))
@@ -210,7 +274,7 @@ def load_config(path: str | Path) -> SweepConfig:
     sparsities = []
     if data.get("sparsities") is not None:
         sparsities = list(dict.fromkeys(_as_list(f"{where}: sparsities", data["sparsities"])))
-    elif any(m != "dense" for m in methods) and any(not parse_pattern(p).is_nm for p in patterns):
+    elif any(not baseline_method(m) for m in methods) and any(not parse_pattern(p).is_nm for p in patterns):
         raise UsageError(f"{where}: missing required key 'sparsities' (needed for unstructured and structured "
                          "patterns)")
     options = data.get("options") or {}
@@ -219,30 +283,28 @@ def load_config(path: str | Path) -> SweepConfig:
     options = {name: list(dict.fromkeys(_as_list(f"{where}: options.{name}", v))) for name, v in options.items()}
     _check_options_are_declared(where, options, methods, allocations)
 
-    raw_cal = data.get("calibration") or {}
-    check_keys(raw_cal, CALIBRATION_KEYS, "calibration.", where)
-    cal = dict(CALIBRATION_DEFAULTS, **{k: v for k, v in raw_cal.items() if v is not None})
-    if not isinstance(cal["source"], str) or not cal["source"].strip():
-        raise UsageError(f"{where}: calibration.source must be a source name")
-    source = resolve_source(cal["source"], path.parent)
-    nsamples = None if source.startswith("tokens:") and raw_cal.get("nsamples") is None else cal["nsamples"]
-    raw_eval = data.get("eval") or {}
-    check_keys(raw_eval, EVAL_KEYS, "eval.", where)
-    ppl = [resolve_source(s, path.parent) for s in source_list(raw_eval.get("ppl", ["wiki-offline"]), f"{where}: eval.ppl")]
-    tasks = raw_eval.get("tasks")
-    tasks = ",".join(_names(f"{where}: eval.tasks", tasks)) if tasks is not None else "none"
-    if not ppl and tasks.lower() == "none":
+    shared = flatten({k: v for k, v in data.items() if k not in plural and k not in ("options", *SWEEP_ONLY)},
+                     where, exclude=PER_RUN)
+    values, axes = dict(CALIBRATION_DEFAULTS), {}
+    for setting_path, value in shared.items():
+        e = entry(setting_path)
+        if value is None:
+            continue
+        if isinstance(value, list) and e.type not in (tuple, dict) and not e.setting.joins:
+            axes[setting_path] = [shape(e, v, f"{where}: {setting_path}", path.parent) for v in
+                                  dict.fromkeys(_as_list(f"{where}: {setting_path}", value))]
+        else:
+            values[setting_path] = shape(e, value, f"{where}: {setting_path}", path.parent)
+    if values["calibration.source"].startswith("tokens:") and shared.get("calibration.nsamples") is None:
+        values["calibration.nsamples"] = None  # every row of the file
+    base = with_values(RunSpec(progress=False), values)
+    if not base.eval.ppl and base.eval.tasks.lower() == "none":
         raise UsageError(f"{where}: eval: nothing to measure; give eval.ppl sources or eval.tasks")
-    # seqlen is explicit for every run (also the evaluation window), so all rows share one protocol
-    base = RunSpec(calibration=Calibration(source, nsamples, cal["seqlen"]), seed=cal["seed"],
-                   eval=Evaluation(tuple(ppl), raw_eval.get("samples"), tasks, raw_eval.get("limit")),
-                   device=data.get("device", "auto"), dtype=data.get("dtype", "auto"),
-                   batch_size=data.get("batch_size"), sequential=data.get("sequential", False), progress=False)
     results = data.get("results", f"{path.stem}.jsonl")
     if not isinstance(results, str) or not results.strip():
         raise UsageError(f"{where}: results must be a file path")
     config = SweepConfig(path, models, methods, patterns, sparsities, allocations, options, base,
-                         Path(resolve_path(results, path.parent)), raw=data)
+                         Path(resolve_path(results, path.parent)), axes=axes, raw=data)
     if data.get("paper") is not None:
         config.paper = check_paper(path, data["paper"], config)
     return config
@@ -251,7 +313,6 @@ def load_config(path: str | Path) -> SweepConfig:
 def _check_options_are_declared(where, options, methods, allocations) -> None:
     from ..allocation import ALLOCATIONS
     from ..methods import METHODS
-
     from ..structured import CRITERIA
 
     declared = set()
@@ -268,17 +329,17 @@ def _check_options_are_declared(where, options, methods, allocations) -> None:
 
 
 def check_runs(config: SweepConfig) -> None:
-    """The one RunSpec validation, for the shape of every grid point (no model, data or device checks)."""
+    """The run's own checks of its values, for every grid point (no model, data or device is looked at)."""
     from ..methods import METHODS
-    from ..spec import validate_fields
-
-    for spec in config.runs():
-        try:
-            validate_fields(spec, SWEEP_NAMES)
-        except UsageError as exc:
-            raise UsageError(f"config {config.path}: {exc}") from None
+    from ..plan import check_fields
     from ..structured import CRITERIA
 
+    with Spelling("sweep", where=str(config.path)).active():
+        for spec in config.runs():
+            try:
+                check_fields(spec)
+            except UsageError as exc:
+                raise UsageError(f"config {config.path}: {exc}") from None
     unknown = [m for m in config.methods if m not in METHODS and m not in CRITERIA]
     if unknown:  # a method the grid keeps in no pair runs nowhere: name it here
         raise UsageError(f"config {config.path}: unknown method {unknown[0]!r}")
@@ -294,7 +355,8 @@ def _number(where: str, value, minimum=0) -> float:
 
 def check_paper(path: Path, paper, config: SweepConfig) -> dict:
     """paper: {table, source, eval, ppl: {model: {dense: x, method: {sparsity | "N:M": x}}}, notes}."""
-    from ..methods import METHODS, PatternError, check_sparsity, parse_pattern
+    from ..methods import METHODS, PatternError, check_sparsity, is_baseline as baseline_method, parse_pattern
+    from ..settings import resolve_source
 
     where = f"config {path}"
     check_keys(paper, PAPER_KEYS, "paper.", where)
@@ -307,11 +369,11 @@ def check_paper(path: Path, paper, config: SweepConfig) -> dict:
         source = resolve_source(source, path.parent)
     if source not in eval_ppl:
         raise UsageError(f"{where}: paper.eval: {source!r} is not one of eval.ppl ({', '.join(eval_ppl)})")
-    table = paper.get("ppl") or {}
-    if not isinstance(table, dict):
+    table_ = paper.get("ppl") or {}
+    if not isinstance(table_, dict):
         raise UsageError(f"{where}: paper.ppl must map model -> method -> numbers")
     cells = []  # (model, method, pattern, sparsity, value)
-    for model, methods in table.items():
+    for model, methods in table_.items():
         if model not in config.models:
             raise UsageError(f"{where}: paper.ppl: model {model!r} is not in models ({', '.join(config.models)})")
         if not isinstance(methods, dict):
@@ -320,21 +382,22 @@ def check_paper(path: Path, paper, config: SweepConfig) -> dict:
             key = f"{where}: paper.ppl.{model}.{method}"
             if method not in METHODS:
                 raise UsageError(f"{key}: unknown method {method!r}")
-            if method == "dense":
-                cells.append((model, "dense", "unstructured", 0.0, _number(key, values)))
+            if baseline_method(method):
+                cells.append((model, method, "unstructured", 0.0, _number(key, values)))
                 continue
             if not isinstance(values, dict):
                 raise UsageError(f"{key} must map a sparsity (0.5) or a pattern (\"2:4\") to a number")
-            for setting, value in values.items():
-                value = _number(f"{key}.{setting}", value)
+            for setting_value, value in values.items():
+                value = _number(f"{key}.{setting_value}", value)
                 try:
-                    if isinstance(setting, str):
-                        pattern = parse_pattern(setting)
+                    if isinstance(setting_value, str):
+                        pattern = parse_pattern(setting_value)
                         if not pattern.is_nm:
                             raise UsageError(f"{key}: write unstructured settings as a sparsity such as 0.5")
                         cells.append((model, method, str(pattern), pattern.sparsity, value))
                     else:
-                        cells.append((model, method, "unstructured", check_sparsity(_number(key, setting)), value))
+                        cells.append((model, method, "unstructured", check_sparsity(_number(key, setting_value)),
+                                      value))
                 except PatternError as exc:
                     raise UsageError(f"{key}: {exc}") from None
     return {"table": paper["table"].strip(), "source": paper["source"].strip(), "eval": source,

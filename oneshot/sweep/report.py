@@ -31,7 +31,6 @@ from .store import numbered_records
 METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt", "admm", "flap", "taylor", "gradient", "block-influence", "angular")
 STRUCTURED_ORDER = ("layers", "heads", "channels", "width")
 DENSE_PATTERN = "-"
-ZEROSHOT = "zero-shot mean acc"
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -53,6 +52,14 @@ def load_records(path: Path) -> tuple[list[dict], list[str]]:
     return list(latest.values()), [f"line {number}: {problem}" for number, problem in sorted(notes)]
 
 
+def _is_baseline(method) -> bool:
+    """Whether a record's (or a paper cell's) method is the unpruned baseline. methods is imported here, not at
+    the top, so that importing the sweep package stays free of torch."""
+    from ..methods import is_baseline
+
+    return is_baseline(method)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -65,7 +72,7 @@ def record_problem(record: dict) -> str | None:
         if not isinstance(record.get(key), str):
             return f"{key} is {record.get(key)!r}, not text"
     pattern = record.get("pattern", "unstructured")
-    if record["method"] != "dense":
+    if not _is_baseline(record["method"]):
         try:
             if not isinstance(pattern, str):
                 raise PatternError(pattern)
@@ -104,9 +111,8 @@ def method_label(record: dict) -> str:
 
 
 def _row_key(record: dict) -> tuple:
-    method = method_label(record)
-    pattern = DENSE_PATTERN if method == "dense" else str(record.get("pattern", "unstructured"))
-    return str(record.get("model")), method, pattern
+    pattern = DENSE_PATTERN if _is_baseline(record.get("method")) else str(record.get("pattern", "unstructured"))
+    return str(record.get("model")), method_label(record), pattern
 
 
 def _sort_rows(rows):
@@ -128,8 +134,8 @@ def _sort_rows(rows):
 
 
 @dataclass
-class Grid:
-    """Cells per metric: metric -> {(model, method, pattern): {sparsity: value}}."""
+class ReportCells:
+    """The report's cells per metric: metric -> {(model, method, pattern): {sparsity: value}}."""
 
     metrics: dict = field(default_factory=dict)
     windows: dict = field(default_factory=dict)  # ppl source -> set of (n, seqlen)
@@ -153,26 +159,27 @@ class Grid:
         return sorted(found)
 
 
-def build_grid(records: list[dict]) -> Grid:
-    grid = Grid()
+def build_cells(records: list[dict]) -> ReportCells:
+    """The cells of every table: each record's measurements under its row and sparsity column."""
+    table = ReportCells()
     for record in records:
         row = _row_key(record)
         sparsity = round(float(record.get("sparsity_target") or 0.0), 6)
         for source, value in (record.get("ppl") or {}).items():
-            grid.put(("ppl", source), row, sparsity, _float(value))
+            table.put(("ppl", source), row, sparsity, _float(value))
             shape = ((record.get("eval") or {}).get("windows") or {}).get(source)
             if shape:
-                grid.windows.setdefault(source, set()).add(tuple(shape))
+                table.windows.setdefault(source, set()).add(tuple(shape))
         zeroshot = record.get("zeroshot")
         if isinstance(zeroshot, dict) and zeroshot.get("mean_acc") is not None:
-            grid.put(("zeroshot", None), row, sparsity, _float(zeroshot["mean_acc"]))
+            table.put(("zeroshot", None), row, sparsity, _float(zeroshot["mean_acc"]))
         prune_s = (record.get("timings") or {}).get("prune_s") if isinstance(record.get("timings"), dict) else None
-        if record.get("method") != "dense" and _is_number(prune_s):
-            grid.put(("prune_s", None), row, sparsity, float(prune_s))
+        if not _is_baseline(record.get("method")) and _is_number(prune_s):
+            table.put(("prune_s", None), row, sparsity, float(prune_s))
         structure = record.get("structure")
         if isinstance(structure, dict) and structure.get("removed_fraction") is not None:
-            grid.put(("removed", None), row, sparsity, _float(structure["removed_fraction"]))
-    return grid
+            table.put(("removed", None), row, sparsity, _float(structure["removed_fraction"]))
+    return table
 
 
 def _float(value):
@@ -216,7 +223,7 @@ def _difference(ours, paper) -> str:
     return f"{diff:+.2f}{relative}"
 
 
-def _metric_title(metric, grid: Grid) -> str:
+def _metric_title(metric, table: ReportCells) -> str:
     kind, source = metric
     if kind == "zeroshot":
         return "Zero-shot mean accuracy (higher is better)"
@@ -224,7 +231,7 @@ def _metric_title(metric, grid: Grid) -> str:
         return "Prune time in seconds (calibration statistics and pruning; loading and evaluation excluded)"
     if kind == "removed":
         return "Fraction of decoder-block parameters removed (structured runs; columns are the targets)"
-    shapes = sorted(grid.windows.get(source, ()))
+    shapes = sorted(table.windows.get(source, ()))
     if len(shapes) == 1:
         detail = f"; {shapes[0][0]} windows x {shapes[0][1]} tokens"
     elif shapes:
@@ -241,23 +248,23 @@ def _markdown_table(header, rows, right_from: int) -> list[str]:
     return lines
 
 
-def metric_order(grid: Grid) -> list:
-    ppl = [m for m in grid.metrics if m[0] == "ppl"]
-    return ppl + [m for kind in ("zeroshot", "removed", "prune_s") for m in grid.metrics if m[0] == kind]
+def metric_order(table: ReportCells) -> list:
+    ppl = [m for m in table.metrics if m[0] == "ppl"]
+    return ppl + [m for kind in ("zeroshot", "removed", "prune_s") for m in table.metrics if m[0] == kind]
 
 
-def render_markdown(grid: Grid, title: str, comparison=None) -> str:
+def render_markdown(table: ReportCells, title: str, comparison=None) -> str:
     lines = [f"## {title}", ""]
-    if not grid.metrics:
+    if not table.metrics:
         lines += ["No measurements in the records.", ""]
-    for metric in metric_order(grid):
-        columns = grid.columns(metric)
+    for metric in metric_order(table):
+        columns = table.columns(metric)
         header = ["model", "method", "pattern"] + [fmt_sparsity(s) for s in columns]
-        rows = [[*row, *(fmt_cell(metric, grid.get(metric, row, s)) for s in columns)]
-                for row in grid.rows(metric)]
-        lines += [f"### {_metric_title(metric, grid)}", "", *_markdown_table(header, rows, 3), ""]
-    if grid.collisions:
-        lines += [f"Note: {grid.collisions} cell(s) were measured more than once with different settings; "
+        rows = [[*row, *(fmt_cell(metric, table.get(metric, row, s)) for s in columns)]
+                for row in table.rows(metric)]
+        lines += [f"### {_metric_title(metric, table)}", "", *_markdown_table(header, rows, 3), ""]
+    if table.collisions:
+        lines += [f"Note: {table.collisions} cell(s) were measured more than once with different settings; "
                   "the latest is shown. Keep one configuration per results file to avoid this.", ""]
     if comparison is not None:
         paper, cells = comparison
@@ -274,26 +281,26 @@ def render_markdown(grid: Grid, title: str, comparison=None) -> str:
     return "\n".join(lines)
 
 
-def compare_with_paper(grid: Grid, paper: dict) -> list[tuple]:
+def compare_with_paper(table: ReportCells, paper: dict) -> list[tuple]:
     """(model, method, pattern, sparsity, paper, ours) for every paper number."""
     metric = ("ppl", paper["eval"])
     cells = []
     for model, method, pattern, sparsity, value in paper["cells"]:
-        row = (model, method, DENSE_PATTERN if method == "dense" else pattern)
-        cells.append((model, method, row[2], sparsity, value, grid.get(metric, row, round(sparsity, 6))))
+        row = (model, method, DENSE_PATTERN if _is_baseline(method) else pattern)
+        cells.append((model, method, row[2], sparsity, value, table.get(metric, row, round(sparsity, 6))))
     return cells
 
 
-def write_csv(grid: Grid, path: Path) -> None:
-    columns = grid.columns()
+def write_csv(table: ReportCells, path: Path) -> None:
+    columns = table.columns()
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["model", "method", "pattern", "metric", *(fmt_sparsity(s) for s in columns)])
-    for metric in metric_order(grid):
+    for metric in metric_order(table):
         name = {"ppl": f"ppl:{metric[1]}", "zeroshot": "zeroshot_mean_acc", "removed": "removed_fraction",
                 "prune_s": "prune_s"}[metric[0]]
-        for row in grid.rows(metric):
-            values = [grid.get(metric, row, s) for s in columns]
+        for row in table.rows(metric):
+            values = [table.get(metric, row, s) for s in columns]
             writer.writerow([*row, name, *("" if v is None else repr(v) for v in values)])
     write_atomic(path, buffer.getvalue().encode())
 
@@ -311,15 +318,15 @@ def write_paper_csv(cells, paper: dict, path: Path) -> None:
 
 # ---- plot ----------------------------------------------------------------------------------------
 
-def plot(grid: Grid, path: Path, paper: dict | None = None) -> bool | None:
+def plot(table: ReportCells, path: Path, paper: dict | None = None) -> bool | None:
     """PNG of ppl vs sparsity: one panel per model and ppl source. False if there is no perplexity
     to plot, None if matplotlib is missing."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
     except ImportError:
         return None
-    sources = [m for m in metric_order(grid) if m[0] == "ppl"]
-    models = list(dict.fromkeys(row[0] for m in sources for row in grid.rows(m)))
+    sources = [m for m in metric_order(table) if m[0] == "ppl"]
+    models = list(dict.fromkeys(row[0] for m in sources for row in table.rows(m)))
     if not sources or not models:
         return False
     figure = Figure(figsize=(6.4 * len(sources), 4.2 * len(models)), layout="constrained")
@@ -330,16 +337,16 @@ def plot(grid: Grid, path: Path, paper: dict | None = None) -> bool | None:
         for c, metric in enumerate(sources):
             ax = axes[r][c]
             plotted = False
-            for row in grid.rows(metric):
+            for row in table.rows(metric):
                 if row[0] != model:
                     continue
-                cells = grid.metrics[metric][row]
+                cells = table.metrics[metric][row]
                 points = sorted((s, v) for s, v in cells.items() if v is not None and math.isfinite(v) and v > 0)
                 if not points:
                     continue
                 plotted = True
-                if row[1] == "dense":
-                    ax.axhline(points[0][1], color="0.4", linestyle="--", linewidth=1, label="dense")
+                if row[2] == DENSE_PATTERN:  # the baseline's row
+                    ax.axhline(points[0][1], color="0.4", linestyle="--", linewidth=1, label=row[1])
                     continue
                 label = row[1] if row[2] == "unstructured" else f"{row[1]} {row[2]}"
                 colour = colours.setdefault(row[1], palette[len(colours) % len(palette)])
@@ -356,7 +363,7 @@ def plot(grid: Grid, path: Path, paper: dict | None = None) -> bool | None:
                 for p_model, method, pattern, sparsity, value in paper["cells"]:
                     if p_model != model or value <= 0:
                         continue
-                    colour = "0.4" if method == "dense" else colours.setdefault(method, palette[len(colours) % 10])
+                    colour = "0.4" if _is_baseline(method) else colours.setdefault(method, palette[len(colours) % 10])
                     ax.plot([sparsity], [value], linestyle="none", marker="x", color=colour, markersize=8,
                             label="paper" if first else None)
                     first = False
@@ -383,9 +390,9 @@ def make_report(results: Path, out_dir: str | Path | None = None, paper: dict | 
     if not records:
         why = f" ({len(notes)} line(s) skipped: {notes[0]})" if notes else ""
         raise UsageError(f"results {results}: no usable records{why}; run `oneshot sweep` first")
-    grid = build_grid(records)
-    comparison = (paper, compare_with_paper(grid, paper)) if paper else None
-    markdown = render_markdown(grid, f"Results: {results.name} ({len(records)} runs)", comparison)
+    table = build_cells(records)
+    comparison = (paper, compare_with_paper(table, paper)) if paper else None
+    markdown = render_markdown(table, f"Results: {results.name} ({len(records)} runs)", comparison)
     if notes:
         markdown += (f"\nNote: {len(notes)} line(s) of {results.name} were skipped: " + "; ".join(notes[:5])
                      + ("; ..." if len(notes) > 5 else "") + "\n")
@@ -398,12 +405,12 @@ def make_report(results: Path, out_dir: str | Path | None = None, paper: dict | 
         if path == results.resolve():
             raise UsageError(f"the report would overwrite its own results file {results}; rename it to .jsonl")
     write_atomic(written["markdown"], markdown.encode())
-    write_csv(grid, written["csv"])
+    write_csv(table, written["csv"])
     if comparison:
         written["paper_csv"] = out_dir / f"{stem}.paper.csv"
         write_paper_csv(comparison[1], paper, written["paper_csv"])
     png = out_dir / f"{stem}.png"
-    plotted = plot(grid, png, paper)
+    plotted = plot(table, png, paper)
     if plotted:
         written["png"] = png
     elif plotted is None:

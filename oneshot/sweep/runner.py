@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..api import run
 from ..errors import Terminated, UsageError
-from ..spec import validate
+from ..plan import make_plan
 from .config import SWEEP_NAMES, SweepConfig, check_runs, label, run_key
 from .executors import ExecutorOptions, make_executor
 from .executors import check as check_executor
@@ -30,12 +30,13 @@ from .store import append_record, read_results
 def preflight(config: SweepConfig) -> list[str]:
     """Problems found in seconds (models, data sources, device, every run's settings), one line each."""
     problems = []
-    for spec in config.runs():
-        try:
-            validate(spec, SWEEP_NAMES)
-        except UsageError as exc:
-            if str(exc) not in problems:
-                problems.append(str(exc))
+    with SWEEP_NAMES.active():
+        for spec in config.runs():
+            try:
+                make_plan(spec)
+            except UsageError as exc:
+                if str(exc) not in problems:
+                    problems.append(str(exc))
     return problems
 
 
@@ -71,6 +72,8 @@ def run_sweep(config: SweepConfig, results: Path | None = None, dry_run: bool = 
 
     if bad:
         say(f"note: {results} has {bad} unreadable line(s) (an interrupted write?); they are ignored")
+    for skipped in config.skipped():
+        say(f"note: left out {skipped}")
     problems = preflight(config)
     if dry_run:
         say(f"{config.path}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in {results}, "

@@ -20,7 +20,7 @@ class Models:
         if not self.keep:
             return None
         from ..models import check_model_spec, load_model, weights_stay_on_disk
-        from ..spec import resolve_device, resolve_dtype
+        from ..models.placement import resolve_device, resolve_dtype
 
         dtype = resolve_dtype(spec.dtype, resolve_device(spec.device), spec.model, check_model_spec(spec.model))
         if spec.weights_on_disk or (spec.weights_on_disk is None and weights_stay_on_disk(spec.model, dtype)):
@@ -37,7 +37,7 @@ def run_spec(spec, models: Models, run=None):
     if run is None:
         from ..api import run
     try:
-        record = run(spec, loaded=models.get(spec), names=SWEEP_NAMES)
+        record = run(spec, loaded=models.get(spec), spelling=SWEEP_NAMES)
     except UsageError as exc:
         return None, str(exc), False
     except RunError as exc:

@@ -1,4 +1,4 @@
-"""What structured scoring reads from a consuming projection's inputs (o_proj, down_proj).
+"""What structured scoring reads from a consuming projection's inputs (o_proj, down_proj): their moments.
 
 `ChannelStats` follows the engine's statistic interface (`add(x, sequences)`, `value()`), so the
 engine's hooks feed it. Sums are kept in float64: a variance from sum and sum of squares over many

@@ -1,0 +1,105 @@
+"""`oneshot prune`, `oneshot eval` and `oneshot recover`: the commands that are one run each. Their flags
+come from the settings table (oneshot/spec.py); flags given on the command line override a `--config
+RUN.yaml`'s values; `api.run` does the work and the table is printed."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UsageError
+from ..settings import Spelling, add_arguments, apply_arguments, from_mapping
+from ..spec import Recovery, RunSpec
+
+SUMMARIES = {
+    "prune": "prune a model and measure it",
+    "eval": "measure a dense or saved pruned model (perplexity, zero-shot accuracy)",
+    "recover": "fine-tune a saved pruned model with its zero pattern locked",
+}
+
+
+def add_run_parsers(commands) -> None:
+    for command, handler in (("prune", prune_command), ("eval", eval_command), ("recover", recover_command)):
+        p = commands.add_parser(command, help=SUMMARIES[command], description=SUMMARIES[command],
+                                argument_default=argparse.SUPPRESS)
+        if command == "prune":
+            p.add_argument("--config", metavar="RUN.yaml",
+                           help="read the run from a YAML file (the YAML keys below); flags override its values")
+        if command == "eval":
+            p.add_argument("--pruned", metavar="DIR", help="a directory written by `oneshot prune --save-model` "
+                                                           "(the same as --model DIR)")
+        add_arguments(p, command)
+        p.set_defaults(handler=handler, command_name=command)
+
+
+def _run(args, base: RunSpec) -> int:
+    from ..api import run
+
+    command = args.command_name
+    spec = apply_arguments(vars(args), base, command)
+    record = run(spec, spelling=Spelling("flag", command))
+    print_table(record.to_dict())
+    return 0
+
+
+def prune_command(args) -> int:
+    from ..yamlio import read_yaml
+
+    base = RunSpec()
+    if "config" in vars(args):
+        path = Path(args.config).expanduser()
+        base = from_mapping(read_yaml(path, "run config"), f"run config {path}", relative_to=path.parent.resolve())
+    return _run(args, base)
+
+
+def recover_command(args) -> int:
+    return _run(args, RunSpec(kind="recover", method="dense", recover=Recovery()))
+
+
+def eval_command(args) -> int:
+    given = vars(args)
+    if "pruned" in given:
+        if "setting:model" in given:
+            raise UsageError("give --model or --pruned, not both")
+        if not (Path(args.pruned) / "config.json").is_file():
+            raise UsageError(f"--pruned {args.pruned} is not a model directory written by --save-model "
+                             "(no config.json)")
+        given["setting:model"] = args.pruned
+    return _run(args, RunSpec(kind="eval", method="dense"))
+
+
+def print_table(result: dict) -> None:
+    sources = list(result["ppl"])
+    zeroshot = result.get("zeroshot")
+    header = ["method", "pattern", "sparsity"]
+    row = [result["method"], result["pattern"], f"{result['sparsity_measured']:.4f}"]
+    # Honest sparsity: over every block weight and over the whole model, beside the pruned layers'.
+    for key, label in (("sparsity_block_weights", "block weights"), ("sparsity_model", "whole model")):
+        if result.get(key) is not None:
+            header.append(label)
+            row.append(f"{result[key]:.4f}")
+    header += [f"ppl {s}" for s in sources]
+    row += [f"{result['ppl'][s]:.3f}" for s in sources]
+    if zeroshot is not None:
+        header.append("mean acc")
+        row.append("-" if zeroshot["mean_acc"] is None else f"{zeroshot['mean_acc']:.4f}")
+    if result.get("quantization"):
+        header.append("quantised")
+        row.append(f"int{result['quantization']['bits']} {result['quantization']['method']}")
+    if result.get("saved_model"):
+        header.append(f"{result['saved_model']['format']} MiB")
+        row.append(f"{result['saved_model']['weights_bytes'] / 2**20:.1f}")
+    if result["timings"].get("prune_s"):
+        header.append("prune s")
+        row.append(f"{result['timings']['prune_s']:.1f}")
+    recovery = result.get("recovery")
+    if recovery:  # the perplexity columns above are after recovery; before it, beside
+        header += [f"before recovery {s}" for s in recovery["ppl_before"]] + ["recover s/step"]
+        row += [f"{v:.3f}" for v in recovery["ppl_before"].values()] + [f"{recovery['seconds_per_step']:.2f}"]
+    widths = [max(len(h), len(c)) for h, c in zip(header, row)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    if zeroshot is not None:
+        from ..evaluate.zeroshot import format_table
+
+        print()
+        print("\n".join(format_table(zeroshot)))

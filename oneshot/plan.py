@@ -1,0 +1,145 @@
+"""Planning a run: every setting checked before any model is loaded, each by the subsystem that owns
+it, in order; the result is the Plan that api.run executes.
+
+`check_fields` looks at the spec's values alone (the declared types and ranges, then how the method,
+pattern, allocation, options, recovery and quantisation fit together): a sweep calls it for every grid
+point. `make_plan` adds what needs files, the model's config and the device. Anything wrong is a
+UsageError (or one of its subclasses) of one line, naming the setting as the caller spells it
+(settings.Spelling: a flag, a config key or a Python attribute).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import UsageError
+from .settings import check_values, spelled
+from .spec import KINDS, RunSpec
+
+
+@dataclass
+class Fields:
+    """The spec's values resolved without looking at any file, model or device."""
+
+    prunes: bool
+    method: object  # methods.Method, or a structured.Criterion for a structured pattern
+    method_options: dict
+    allocation: object  # allocation.Allocation
+    allocation_options: dict
+    pattern: object  # methods.Pattern
+    sparsity: float
+    grid: object | None  # quantize.Grid when the run quantises
+    quant_method: str | None  # joint | gptq | rtn, resolved
+
+
+@dataclass
+class Plan:
+    """A checked RunSpec, resolved: what run() executes."""
+
+    spec: RunSpec
+    method: object  # methods.Method (wrapped by quantize.quantizing when the run quantises)
+    method_options: dict
+    allocation: object
+    allocation_options: dict
+    pattern: object
+    sparsity: float
+    device: str
+    dtype: object  # torch.dtype
+    model_kind: str  # alias | random | gguf | local | hub
+    eval_sources: list[str]
+    zeroshot: object | None  # evaluate.zeroshot.PreparedTasks
+    grid: object | None = None
+    quant_method: str | None = None
+    lineage: dict | None = None  # the input model's lineage card (eval and recover runs of a saved model)
+    prunes: bool = True  # whether the method changes weights (dense does not)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return reads_calibration(self.method, self.method_options, self.allocation)
+
+
+def reads_calibration(method, options: dict, allocation) -> bool:
+    reads = getattr(method, "reads_calibration", None)  # structured criteria: their options decide
+    method_reads = reads(options) if reads else method.statistic is not None
+    return bool(method_reads or allocation.statistic is not None)
+
+
+def check_fields(spec: RunSpec) -> Fields:
+    """The checks of the spec's own values: no model, data, device or file is looked at."""
+    from . import allocation as allocations
+    from .methods import METHODS, PatternError, check_sparsity, parse_pattern
+    from .models.placement import check_device_text
+    from .quantize.method import check_settings as check_quantize
+    from .recover.preconditions import check_settings as check_recovery
+    from .structured import check_structured_spec, resolve_method
+
+    if spec.kind not in KINDS:
+        raise UsageError(f"unknown run kind {spec.kind!r}; choose {' or '.join(KINDS)}")
+    check_values(spec)
+    check_device_text(spec.device)
+    pattern = parse_pattern(spec.pattern)
+    # The pattern decides the registry: weight-pruning methods, or structured criteria.
+    method = resolve_method(spec.method, pattern, METHODS, spelled("method"), spelled("pattern"))
+    prunes = getattr(method, "prunes", True)
+    if spec.kind in ("eval", "recover") and prunes:
+        raise UsageError(f"an {spec.kind} run takes a model as it is: its method must be dense")
+    check_recovery(spec, pattern, method)
+    allocation, method_options, allocation_options = allocations.check(spec, method, pattern)
+    if pattern.is_structured:
+        check_structured_spec(method, pattern, method_options, allocation.name, spec.checkpoint_dir, spelled)
+    if pattern.is_nm:
+        if spec.sparsity is not None and spec.sparsity != pattern.sparsity:
+            raise PatternError(f"{spelled('sparsity')} {spec.sparsity} conflicts with pattern {pattern}, which prunes "
+                               f"{pattern.sparsity:g}; leave {spelled('sparsity')} out")
+        sparsity = pattern.sparsity
+    else:
+        sparsity = check_sparsity(0.5 if spec.sparsity is None else spec.sparsity)
+    if not prunes:
+        sparsity = 0.0
+    grid, quant_method = check_quantize(spec, method, pattern)
+    return Fields(prunes, method, method_options, allocation, allocation_options, pattern, sparsity, grid, quant_method)
+
+
+def make_plan(spec: RunSpec) -> Plan:
+    """Everything that can be checked without loading the model's weights; returns the Plan."""
+    from calibration import check_source
+
+    from . import export
+    from .evaluate.readiness import check as check_evaluation
+    from .models import model_skeleton
+    from .models.placement import check as check_model
+    from .paths import check_outputs
+    from .quantize.method import check_model as check_quantized_model
+    from .recover.preconditions import check_inputs as check_recovery_inputs
+    from .recover.preconditions import check_pruned_directory
+
+    fields = check_fields(spec)
+    export.check_settings(spec)
+    if reads_calibration(fields.method, fields.method_options, fields.allocation):
+        check_source(spec.calibration.source, "calibration", spelled("calibration.source"))
+    lineage = check_pruned_directory(spec) if spec.kind == "recover" else None
+    check_outputs(spec)
+    model_kind, device, dtype = check_model(spec, fields.pattern)
+    if spec.kind == "eval":
+        lineage = export.read_lineage(spec.model) if model_kind in ("local", "gguf") else None
+    if spec.recover is not None:
+        check_recovery_inputs(spec, lineage)
+    if fields.pattern.is_structured or fields.grid is not None or spec.format != "hf":
+        skeleton = model_skeleton(spec.model)
+        if fields.pattern.is_structured:
+            from .structured import check_structured
+
+            check_structured(skeleton, fields.method, fields.pattern, fields.sparsity, fields.method_options,
+                             spelled("sparsity"))
+        check_quantized_model(skeleton, spec, fields.grid)
+    zeroshot = check_evaluation(spec, model_kind)  # last: it may take seconds
+    method = fields.method
+    if fields.grid is not None:
+        from .quantize import quantizing
+
+        if spec.format == "compressed-tensors" and str(dtype) in ("torch.float16", "torch.bfloat16"):
+            # the checkpoint keeps scales in the model's dtype: quantise with exactly those
+            fields.grid = replace(fields.grid, scale_dtype=dtype)
+        method = quantizing(method, fields.grid, fields.quant_method)  # same interface: the engine is unchanged
+    return Plan(spec, method, fields.method_options, fields.allocation, fields.allocation_options, fields.pattern,
+                fields.sparsity, device, dtype, model_kind, list(spec.eval.ppl), zeroshot, fields.grid,
+                fields.quant_method, lineage, fields.prunes)
