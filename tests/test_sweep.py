@@ -15,6 +15,8 @@ from oneshot.cli.sweep import sweep_command
 from oneshot.errors import UsageError
 from oneshot.sweep import label, load_config, run_key, runner
 
+from helpers import TINY_SWEEP
+
 
 def sweep_main(argv):
     return cli.main(["sweep", *argv])
@@ -23,21 +25,10 @@ def sweep_main(argv):
 def report_main(argv):
     return cli.main(["report", *argv])
 
-TINY = """\
-models: [random:tiny-llama]
-methods: {methods}
-patterns: {patterns}
-sparsities: {sparsities}
-calibration: {{source: wiki-offline, nsamples: 4, seqlen: 64, seed: 0}}
-eval: {{ppl: [wiki-offline], samples: 2}}
-device: cpu
-results: out/results.jsonl
-"""
-
 
 def write_config(tmp_path, methods="[wanda]", patterns="[unstructured]", sparsities="[0.3, 0.6]", extra=""):
     path = tmp_path / "sweep.yaml"
-    path.write_text(TINY.format(methods=methods, patterns=patterns, sparsities=sparsities) + extra)
+    path.write_text(TINY_SWEEP.format(methods=methods, patterns=patterns, sparsities=sparsities) + extra)
     return path
 
 
@@ -104,6 +95,7 @@ sys.exit(main(["sweep", sys.argv[1]]))
 """
 
 
+@pytest.mark.system  # SIGKILL to a sweep in a fresh Python process
 def test_killed_sweep_resumes_without_repeating_or_losing_runs(tmp_path, capsys):
     config = write_config(tmp_path, methods="[magnitude, wanda]", sparsities="[0.5]")
     results = tmp_path / "out" / "results.jsonl"
@@ -207,7 +199,7 @@ BAD = [
 
 @pytest.mark.parametrize("override,fragment", BAD, ids=[fragment for _, fragment in BAD])
 def test_bad_config_is_one_line_before_any_run(override, fragment, tmp_path, capsys, monkeypatch):
-    text = TINY.format(methods="[wanda]", patterns="[unstructured]", sparsities="[0.3]")
+    text = TINY_SWEEP.format(methods="[wanda]", patterns="[unstructured]", sparsities="[0.3]")
     for line in override.splitlines(keepends=True):  # replace the key's line, or add it
         key = line.split(":")[0]
         kept = [old for old in text.splitlines(keepends=True) if not old.startswith(key + ":")]
@@ -276,3 +268,29 @@ def test_labels_tell_sequential_runs_apart(tmp_path):
     config = write_config(tmp_path, methods="[sparsegpt]", sparsities="[0.6]", extra="sequential: true\n")
     assert [label(r) for r in load_config(config).runs()] == ["random:tiny-llama dense",
                                                               "random:tiny-llama sparsegpt sequential 0.6"]
+
+
+def test_a_one_sparsity_comparison_is_plotted_as_grouped_bars(tmp_path):
+    """The quick start's shape (methods x patterns at one sparsity): bars per method and pattern, the
+    baseline as a line; a sweep over sparsity levels stays a line plot."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from oneshot.sweep.report import _grouped_bars, _one_setting, build_cells
+
+    base = {"model": "m", "ppl": {"w": 1.0}, "timings": {}}
+    records = [dict(base, method="dense", pattern="unstructured", sparsity_target=0.0, ppl={"w": 15.0})]
+    records += [dict(base, method=m, pattern=p, sparsity_target=0.5, ppl={"w": v}, run_key=f"{m}{p}")
+                for (m, p), v in {("wanda", "unstructured"): 36.0, ("wanda", "2:4"): 138.0,
+                                  ("sparsegpt", "unstructured"): 34.0, ("sparsegpt", "2:4"): 71.0}.items()]
+    table = build_cells(records)
+    metric = ("ppl", "w")
+    rows = table.rows(metric)
+    assert _one_setting(table, metric, rows)
+    ax = Figure().subplots()
+    _grouped_bars(ax, table, metric, rows)
+    assert [len(c) for c in ax.containers] == [2, 2]  # two patterns, each a bar per method
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["wanda", "sparsegpt"]
+    assert ax.get_yscale() == "log" and any(line.get_linestyle() == "--" for line in ax.get_lines())
+    records.append(dict(base, method="wanda", pattern="unstructured", sparsity_target=0.6, ppl={"w": 60.0}))
+    assert not _one_setting(build_cells(records), metric, build_cells(records).rows(metric))

@@ -336,10 +336,13 @@ def plot(table: ReportCells, path: Path, paper: dict | None = None) -> bool | No
     for r, model in enumerate(models):
         for c, metric in enumerate(sources):
             ax = axes[r][c]
+            rows = [row for row in table.rows(metric) if row[0] == model]
+            if _one_setting(table, metric, rows):
+                _grouped_bars(ax, table, metric, rows)
+                ax.set_title(f"{model}: perplexity on {metric[1]}", fontsize=10)
+                continue
             plotted = False
-            for row in table.rows(metric):
-                if row[0] != model:
-                    continue
+            for row in rows:
                 cells = table.metrics[metric][row]
                 points = sorted((s, v) for s, v in cells.items() if v is not None and math.isfinite(v) and v > 0)
                 if not points:
@@ -379,6 +382,47 @@ def plot(table: ReportCells, path: Path, paper: dict | None = None) -> bool | No
     figure.savefig(buffer, format="png", dpi=110)
     write_atomic(path, buffer.getvalue())
     return True
+
+
+def _one_setting(table: ReportCells, metric, rows) -> bool:
+    """Whether every pruned row sits at one sparsity (a comparison of methods, not a sweep of levels);
+    N:M rows count at N/M."""
+    levels = {s for row in rows if row[2] != DENSE_PATTERN for s, v in table.metrics[metric][row].items()
+              if v is not None}
+    return len(levels) == 1
+
+
+def _grouped_bars(ax, table: ReportCells, metric, rows) -> None:
+    """Methods along x, one bar per pattern within each, log y; the baseline as a dashed line."""
+    methods = list(dict.fromkeys(row[1] for row in rows if row[2] != DENSE_PATTERN))
+    patterns = list(dict.fromkeys(row[2] for row in rows if row[2] != DENSE_PATTERN))
+    width = 0.8 / max(1, len(patterns))
+    for i, pattern in enumerate(patterns):
+        xs, ys = [], []
+        for j, method in enumerate(methods):
+            value = next((v for v in table.metrics[metric].get((rows[0][0], method, pattern), {}).values()
+                          if v is not None), None)
+            if value is not None and math.isfinite(value) and value > 0:
+                xs.append(j + (i - (len(patterns) - 1) / 2) * width)
+                ys.append(value)
+        bars = ax.bar(xs, ys, width=width, color=f"C{i}", label=pattern)
+        ax.bar_label(bars, labels=[fmt(y) for y in ys], fontsize=7, padding=1)
+    lowest = min(ys_all) if (ys_all := [v for row in rows for v in table.metrics[metric][row].values()
+                                         if v is not None and math.isfinite(v) and v > 0]) else None
+    for row in rows:
+        if row[2] == DENSE_PATTERN:
+            value = next((v for v in table.metrics[metric][row].values() if v is not None), None)
+            if value is not None and value > 0:
+                ax.axhline(value, color="0.4", linestyle="--", linewidth=1, label=f"{row[1]} {fmt(value)}")
+    if lowest is not None:
+        ax.set_ylim(bottom=lowest / 1.5)  # the baseline's line clear of the axis
+    ax.set_xticks(range(len(methods)), methods)
+    sparsity = next(iter({s for row in rows if row[2] != DENSE_PATTERN for s in table.metrics[metric][row]}), None)
+    ax.set_xlabel("method" + (f" (sparsity {fmt_sparsity(sparsity)})" if sparsity is not None else ""))
+    ax.set_ylabel(f"perplexity ({metric[1]})")
+    ax.set_yscale("log")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 # ---- command line --------------------------------------------------------------------------------
