@@ -56,7 +56,7 @@ def _with_model(plan: Plan, loaded) -> Record:
     try:
         if on_disk is not None:
             steps.check_on_disk(plan, on_disk)
-        seqlen = steps.check_against_model(loaded.model, plan)
+        seqlen = steps.check_against_model(loaded, plan)
         record, report = PIPELINES[plan.spec.kind](plan, loaded, seqlen, timings)
         if plan.spec.save_model:
             steps.save(plan, loaded, record, report)

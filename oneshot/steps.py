@@ -44,11 +44,12 @@ def check_on_disk(plan: Plan, on_disk) -> None:
     log.info("decoder blocks stay on disk: each is read when the engine reaches it and written back once pruned")
 
 
-def check_against_model(model, plan: Plan) -> int | None:
-    """Checks that need the model (layer widths, positions); returns the seqlen to use (None: a tokens:
-    file's own width)."""
+def check_against_model(loaded, plan: Plan) -> int | None:
+    """Checks that need the loaded model and its tokenizer (layer widths, positions), before any work;
+    returns the seqlen to use (None: a tokens: file's own width)."""
     from .engine import check_pattern
 
+    model = loaded.model
     check_pattern(model, plan.pattern)
     if plan.pattern.is_structured:  # the family can take it, the fraction leaves something: before any work
         from .structured import check_structured
