@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..settings import Spelling, check_keys, entry, flatten, resolve_path, shape, table, with_values
+from ..settings import Spelling, check_keys, entry, flatten, parts, resolve_path, shape, table, with_values
 from ..spec import RunSpec
 from ..yamlio import read_yaml
 
@@ -137,8 +137,6 @@ def run_key(spec: RunSpec) -> str:
 
 
 def label(spec: RunSpec) -> str:
-    if is_baseline(spec):
-        return f"{spec.model} {spec.method}"
     pattern = str(spec.pattern)
     if ":" in pattern:
         setting = pattern
@@ -157,7 +155,7 @@ def label(spec: RunSpec) -> str:
             extra += f" {value}"
         else:
             extra += f" {path}={','.join(map(str, value)) if isinstance(value, tuple) else value}"
-    return f"{spec.model} {spec.method}{extra} {setting}"
+    return f"{spec.model} {spec.method}{extra}" + ("" if is_baseline(spec) else f" {setting}")
 
 
 @dataclass
@@ -190,12 +188,13 @@ class SweepConfig:
         from ..structured import resolve_method
 
         runs, skipped = [], []
+        optional = {name for name, info in parts().items() if info["optional"]}  # the baseline has no recovery
         baseline_changes = {e.path: e.default for e in table() if not e.setting.baseline and e.part is None}
         axes = [[(path, value) for value in values] for path, values in self.axes.items()]
         for model in self.models:
             baselines = [m for m in METHODS if baseline_method(m)]
             for values in itertools.product(*axes):
-                shared = {p: v for p, v in values if entry(p).setting.baseline and not entry(p).part}
+                shared = {p: v for p, v in values if entry(p).setting.baseline and entry(p).part not in optional}
                 runs.append(with_values(self.base.replace(model=model, method=baselines[0], recover=None,
                                                           **baseline_changes), shared))
             for pattern, method, allocation in itertools.product(self.patterns, self.methods, self.allocations):
