@@ -52,6 +52,10 @@ class Evaluation:
     limit: int | None = setting(
         None, "evaluate at most this many documents per zero-shot task", flag="--eval-limit", commands=ALL,
         minimum=1, owner="evaluate", shown_default="all")
+    bos: bool = setting(
+        False, "start every perplexity window with the tokenizer's beginning-of-text token, then seqlen - 1 tokens "
+        "of text (Gemma's own evaluations do; the papers' Llama protocol does not)", flag="--eval-bos", commands=ALL,
+        owner="evaluate")
     batch_size: int | str | None = setting(
         None, "lm-eval batch size: a whole number or auto", flag="--eval-batch-size", commands=ALL, minimum=1,
         words=("auto",), owner="evaluate", keyed=False, shown_default="8 on CPU, 32 on CUDA", metavar="B|auto")

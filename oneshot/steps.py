@@ -64,6 +64,8 @@ def check_against_model(loaded, plan: Plan) -> int | None:
     if checked and limit and checked > limit:
         flag = spelled("calibration.seqlen")
         raise UsageError(f"{flag} {checked} exceeds the model's {limit} positions; pass {flag} {limit} or less")
+    if spec.eval.bos and getattr(loaded.tokenizer, "bos_token_id", None) is None:
+        raise UsageError(f"{spelled('eval.bos')}: this model's tokenizer has no beginning-of-text token; leave it out")
     rc = spec.recover
     if rc is not None and not rc.train_data.startswith("tokens:") and limit and rc.seqlen > limit:
         flag = spelled("recover.seqlen")
@@ -237,6 +239,7 @@ def iterative(plan: Plan, loaded, ids, seqlen, teacher_model, timings: dict):
 def perplexities(plan: Plan, model, tokenizer, seqlen, move: bool = True, quiet: bool = False) -> tuple[dict, dict]:
     """(perplexity per evaluation source, [windows, seqlen] per source); a model whose blocks stay on
     disk is streamed block by block for every window."""
+    import torch
     from calibration import evaluation_windows
 
     from .evaluate.perplexity import perplexity
@@ -246,11 +249,15 @@ def perplexities(plan: Plan, model, tokenizer, seqlen, move: bool = True, quiet:
     if not plan.eval_sources:
         return ppl, windows
     streamed = block_weights(model) is not None
+    bos = plan.spec.eval.bos  # each window: the beginning-of-text token, then seqlen - 1 tokens of text
     if move and not streamed:
         model.to(plan.device)
     try:
         for source in plan.eval_sources:
-            eval_ids = evaluation_windows(source, tokenizer, seqlen, plan.spec.eval.samples)
+            eval_ids = evaluation_windows(source, tokenizer, seqlen - 1 if bos and seqlen else seqlen,
+                                          plan.spec.eval.samples)
+            if bos:
+                eval_ids = torch.cat([torch.full_like(eval_ids[:, :1], tokenizer.bos_token_id), eval_ids], dim=1)
             check_token_range(eval_ids, model, source)
             windows[source] = list(eval_ids.shape)
             ppl[source] = perplexity(model, eval_ids, plan.device, batch_size=1, progress=plan.spec.progress,
