@@ -24,7 +24,8 @@ SPECS = [
                                                            temperature=2.0, alpha=0.5)),
     RunSpec(kind="recover", method="dense", model="/tmp/pruned", checkpoint_dir="/tmp/ck", resume=True,
             recover=Recovery(steps=9, batch_size=2, seqlen=64, train_data="file:/tmp/t.txt", checkpoint_every=3)),
-    RunSpec(kind="eval", method="dense", model="random:tiny-llama", eval=Evaluation((), None, "offline", 10, "auto")),
+    RunSpec(kind="eval", method="dense", model="random:tiny-llama",
+            eval=Evaluation(ppl=(), tasks="offline", limit=10, batch_size="auto", bos=True)),
 ]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import decoder_blocks, get_weight, prunable_layers
+from ..models import decoder_blocks, prunable_layers
 
 
 def quantized_modules(model) -> dict[str, str]:
