@@ -10,6 +10,7 @@ from .sources import (
     check_source,
     check_token_range,
     evaluation_windows,
+    shared_text,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "check_source",
     "check_token_range",
     "evaluation_windows",
+    "shared_text",
 ]

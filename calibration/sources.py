@@ -82,6 +82,27 @@ def _check_source(source: str, role: str) -> None:
         hub.check(kind, role)
 
 
+def shared_text(first: str, second: str) -> str | None:
+    """Why sources `first` and `second` hold the same text, or None: the same file however spelled
+    (./a.txt and a.txt), or two token files sharing a window. Named sources (wiki-offline, c4, ...) give
+    disjoint calibration and evaluation splits, so they never share text with themselves here."""
+    kinds = []
+    for source in (first, second):
+        kind = next((k for k in ("file", "tokens") if source.startswith(k + ":")), None)
+        if kind is None:
+            return None
+        kinds.append((kind, Path(source[len(kind) + 1:]).expanduser().resolve()))
+    (kind_a, a), (kind_b, b) = kinds
+    if a == b:
+        return f"{first} and {second} are the same file"
+    if kind_a == kind_b == "tokens" and a.is_file() and b.is_file():
+        rows = {tuple(row) for row in load_token_file(a, first).tolist()}
+        shared = sum(tuple(row) in rows for row in load_token_file(b, second).tolist())
+        if shared:
+            return f"{first} and {second} share {shared} token window(s)"
+    return None
+
+
 def calibration_windows(source: str, tokenizer, nsamples: int | None, seqlen: int | None, seed: int) -> torch.Tensor:
     """[nsamples, seqlen] token ids for calibration, deterministic given the seed.
 

@@ -146,7 +146,7 @@ def _measured(plan: Plan, loaded, report, seqlen, timings: dict, calibration=Non
         **provenance(plan.device, plan.dtype, timings, spec.to_argv()),
         options=plan.method_options,
         allocation={"name": plan.allocation.name, "options": plan.allocation_options}, sequential=spec.sequential,
-        sparsity_target_per_layer=report.layer_target, lineage=plan.lineage,
+        sparsity_target_per_layer=report.layer_target, lineage=plan.lineage, base=plan.base,
         sparsity_block_weights=coverage.sparsity_block_weights, sparsity_model=coverage.sparsity_model,
         block_weights_in_pruned_layers=coverage.prunable_share,
         unpruned_block_weights={kind: dict(seen, share=seen["numel"] / coverage.block_numel)
@@ -166,10 +166,13 @@ def _inherit(record: Record, lineage: dict, recovered: bool) -> None:
     record.method = lineage.get("method", "unknown")
     record.pattern = lineage.get("pattern", "unknown")
     record.sparsity_target = lineage.get("sparsity_target", 0.0)
+    if lineage.get("structure"):  # a smaller dense model has no zeros to count: its removed fraction stands
+        record.sparsity_measured = lineage.get("sparsity_measured", record.sparsity_measured)
+        record.structure = lineage["structure"]
     if recovered:
         record.model, record.model_source = lineage["model"], lineage.get("model_source", lineage["model"])
         record.calibration, record.seed = lineage.get("calibration"), lineage.get("seed", record.seed)
-        record.options, record.structure = lineage.get("options", {}), lineage.get("structure")
+        record.options = lineage.get("options", {})
         record.allocation = lineage.get("allocation", record.allocation)
 
 

@@ -23,6 +23,23 @@ class CheckpointError(RunError):
     """A checkpoint that does not belong to this run, or that cannot be read."""
 
 
+def check_resume(directory: str | Path, expected: dict, flag: str) -> None:
+    """Before any work: the checkpoint in `directory` (a prune run's or a recovery's, both keep their
+    fingerprint in state.json) was written by a run with `expected`'s values, the input model's identity
+    among them; else a UsageError naming what differs, so a resume over another model or other settings
+    is refused before the model is loaded."""
+    from .errors import UsageError
+
+    try:
+        theirs = json.loads((Path(directory) / "state.json").read_text()).get("fingerprint") or {}
+    except (OSError, ValueError):
+        raise UsageError(f"{flag} {directory}: its state.json cannot be read; use a new directory") from None
+    differ = sorted(key for key, value in expected.items() if theirs.get(key) != json.loads(json.dumps(value)))
+    if differ:
+        raise UsageError(f"{flag} {directory} holds the checkpoint of another run ({', '.join(differ)} differ); "
+                         "resume it with the settings it was started with, or use a new directory")
+
+
 class Checkpoint:
     def __init__(self, directory: str | Path, fingerprint: dict):
         self.directory = Path(directory)

@@ -24,3 +24,15 @@ class RunError(RuntimeError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (from `timeout`, `docker stop`, a batch scheduler), handled exactly as Ctrl-C is."""
+
+
+class MissingPackage(UsageError):
+    """An optional package a run needs is not installed; found before any work."""
+
+
+def require(module: str, purpose: str, extra: str, package: str | None = None) -> None:
+    """MissingPackage unless `module` can be imported: "PURPOSE needs the PACKAGE package: pip install ..."."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingPackage(f"{purpose} needs the {package or module} package: pip install 'oneshot[{extra}]'")

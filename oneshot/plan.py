@@ -51,6 +51,9 @@ class Plan:
     quant_method: str | None = None
     lineage: dict | None = None  # the input model's lineage card (eval and recover runs of a saved model)
     prunes: bool = True  # whether the method changes weights (dense does not)
+    source: dict | None = None  # models.identity of this run's input model
+    base: dict | None = None  # models.identity of the dense model this run's model comes from
+    teacher: str | None = None  # distillation's teacher to load; None: the model as loaded, before pruning
 
     @property
     def needs_calibration(self) -> bool:
@@ -83,6 +86,11 @@ def check_fields(spec: RunSpec) -> Fields:
     if spec.kind in ("eval", "recover") and prunes:
         raise UsageError(f"an {spec.kind} run takes a model as it is: its method must be dense")
     check_recovery(spec, pattern, method)
+    if spec.sequential and (pattern.is_structured or getattr(method, "statistic", None) is None):
+        why = "a structured pattern scores whole units" if pattern.is_structured else \
+            f"{method.name} reads no calibration data"
+        raise UsageError(f"{spelled('sequential')} changes the order in which calibration data reaches each block's "
+                         f"layers, and {why}: it would change nothing; leave it out")
     allocation, method_options, allocation_options = allocations.check(spec, method, pattern)
     if pattern.is_structured:
         check_structured_spec(method, pattern, method_options, allocation.name, spec.checkpoint_dir, spelled)
@@ -106,6 +114,8 @@ def make_plan(spec: RunSpec) -> Plan:
     from . import export
     from .evaluate.readiness import check as check_evaluation
     from .models import model_skeleton
+    from .checkpoint import check_resume
+    from .models.identity import base_identity, model_identity
     from .models.placement import check as check_model
     from .paths import check_outputs
     from .quantize.method import check_model as check_quantized_model
@@ -116,13 +126,19 @@ def make_plan(spec: RunSpec) -> Plan:
     export.check_settings(spec)
     if reads_calibration(fields.method, fields.method_options, fields.allocation):
         check_source(spec.calibration.source, "calibration", spelled("calibration.source"))
-    lineage = check_pruned_directory(spec) if spec.kind == "recover" else None
+    if spec.kind == "recover":
+        check_pruned_directory(spec)
     check_outputs(spec)
     model_kind, device, dtype = check_model(spec, fields.pattern)
-    if spec.kind == "eval":
-        lineage = export.read_lineage(spec.model) if model_kind in ("local", "gguf") else None
+    saved = export.read_lineage(spec.model) if model_kind in ("local", "gguf") else None  # saved by oneshot
+    lineage = saved if spec.kind in ("eval", "recover") else None
+    source = model_identity(spec.model, spec.seed)
+    base = base_identity(spec.model, spec.seed, saved)
+    teacher = None
     if spec.recover is not None:
-        check_recovery_inputs(spec, lineage)
+        teacher = check_recovery_inputs(spec, saved, base)
+    if spec.resume:
+        check_resume(spec.checkpoint_dir, checkpoint_fingerprint(spec, source, dtype), spelled("checkpoint_dir"))
     if fields.pattern.is_structured or fields.grid is not None or spec.format != "hf":
         skeleton = model_skeleton(spec.model)
         if fields.pattern.is_structured:
@@ -142,4 +158,15 @@ def make_plan(spec: RunSpec) -> Plan:
         method = quantizing(method, fields.grid, fields.quant_method)  # same interface: the engine is unchanged
     return Plan(spec, method, fields.method_options, fields.allocation, fields.allocation_options, fields.pattern,
                 fields.sparsity, device, dtype, model_kind, list(spec.eval.ppl), zeroshot, fields.grid,
-                fields.quant_method, lineage, fields.prunes)
+                fields.quant_method, lineage, fields.prunes, source, base, teacher)
+
+
+def checkpoint_fingerprint(spec: RunSpec, source: dict, dtype) -> dict:
+    """What a checkpoint must share with the run that resumes it, as far as the settings and the input
+    model tell (the engine adds the calibration windows' digest; recovery the training windows' width)."""
+    fingerprint = {"model": source, "dtype": str(dtype), "seed": spec.seed}
+    if spec.kind == "recover":
+        from .recover import training_fingerprint
+
+        fingerprint.update(training_fingerprint(spec.recover, spec.seed))
+    return fingerprint

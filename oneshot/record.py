@@ -51,6 +51,7 @@ class RecoveryRecord:
     sparsity_before: float
     sparsity_after: float
     masks_locked: bool
+    trained: dict = field(default_factory=dict)  # {"tensors", "numel", "kinds": {kind: {"tensors", "numel"}}}
     ppl_after: dict = field(default_factory=dict)
 
 
@@ -84,6 +85,9 @@ class Record:
     sequential: bool = False  # sublayer-sequential calibration
     sparsity_target_per_layer: dict = field(default_factory=dict)
     lineage: dict | None = None  # eval of a saved model: its oneshot.json
+    # The dense model the weights come from (models.identity): a resolved path and fingerprint, a Hub id and
+    # revision, or a preset and seed. A saved model's card keeps it through later stages.
+    base: dict | None = None
     # Honest sparsity (sparsity_measured covers only the pruned layers): zeros over every >= 2-D weight
     # inside the decoder blocks, zeros over every parameter of the model, the share of the block weights
     # that the pruned layers hold, and each kind of block weight left dense that is not a norm, router
@@ -105,7 +109,7 @@ class Record:
     # The settings that decide the result, as a run config (settings.to_mapping): `--config` reads it back.
     settings: dict = field(default_factory=dict)
 
-    _DROP_IF_NONE = ("lineage", "run_key", "structure", "quantization", "saved_model", "recovery", "stages")
+    _DROP_IF_NONE = ("lineage", "base", "run_key", "structure", "quantization", "saved_model", "recovery", "stages")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -84,9 +84,9 @@ class Recovery:
     batch_size: int = setting(
         8, "windows per micro-batch", flag="--recover-batch-size", commands=("prune", "recover"),
         flags={"recover": "--batch-size"}, minimum=1, owner="recover")
-    seqlen: int = setting(
-        512, "tokens per training window (a tokens: file's own width wins)", flag="--recover-seqlen",
-        commands=("prune", "recover"), flags={"recover": "--train-seqlen"}, minimum=2, owner="recover")
+    seqlen: int | None = setting(
+        None, "tokens per training window", flag="--recover-seqlen", commands=("prune", "recover"),
+        flags={"recover": "--train-seqlen"}, minimum=2, owner="recover", shown_default="512; a tokens: file's width")
     grad_accum: int = setting(
         1, "micro-batches per optimiser step", flag="--recover-grad-accum", commands=("prune", "recover"),
         flags={"recover": "--grad-accum"}, minimum=1, owner="recover")
@@ -132,6 +132,13 @@ class Recovery:
     @property
     def peak_lr(self) -> float:
         return DEFAULT_LR.get(self.mode, 1e-4) if self.lr is None else float(self.lr)
+
+    @property
+    def window(self) -> int | None:
+        """Tokens per training window: the setting, 512, or None for a tokens: file's own width."""
+        if self.train_data.startswith("tokens:"):
+            return None
+        return 512 if self.seqlen is None else self.seqlen
 
 
 @register

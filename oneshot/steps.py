@@ -67,9 +67,9 @@ def check_against_model(loaded, plan: Plan) -> int | None:
     if spec.eval.bos and getattr(loaded.tokenizer, "bos_token_id", None) is None:
         raise UsageError(f"{spelled('eval.bos')}: this model's tokenizer has no beginning-of-text token; leave it out")
     rc = spec.recover
-    if rc is not None and not rc.train_data.startswith("tokens:") and limit and rc.seqlen > limit:
+    if rc is not None and rc.window and limit and rc.window > limit:
         flag = spelled("recover.seqlen")
-        raise UsageError(f"{flag} {rc.seqlen} exceeds the model's {limit} positions; pass {flag} {limit} or less")
+        raise UsageError(f"{flag} {rc.window} exceeds the model's {limit} positions; pass {flag} {limit} or less")
     return seqlen
 
 
@@ -134,27 +134,27 @@ def prune_checkpoint(plan: Plan):
     spec = plan.spec
     if not spec.checkpoint_dir:
         return None
-    return Checkpoint(spec.checkpoint_dir, {"model": spec.model, "dtype": str(plan.dtype), "seed": spec.seed})
+    from .plan import checkpoint_fingerprint
+
+    return Checkpoint(spec.checkpoint_dir, checkpoint_fingerprint(spec, plan.source, plan.dtype))
 
 
 def teacher(plan: Plan, loaded, timings: dict):
-    """The dense teacher for distillation, or None: the model as loaded (a prune run, before pruning), the
-    base model named by the pruned model's lineage card (a recover run), or recover.teacher."""
+    """The dense teacher for distillation, or None: the model as loaded, before pruning changes it (a
+    prune run of a dense model), else the plan's teacher (the saved model's base, or recover.teacher)."""
     from .models import load_model
 
     spec = plan.spec
     if spec.recover is None or not spec.recover.distill:
         return None
     start = time.perf_counter()
-    if spec.recover.teacher is None and plan.lineage is None:
+    if plan.teacher is None:
         import copy
 
         model = copy.deepcopy(loaded.model)
     else:
-        lineage = plan.lineage or {}
-        name = spec.recover.teacher or lineage["model"]
-        log.info(f"distillation teacher: {name}")
-        model = load_model(name, dtype=plan.dtype, seed=lineage.get("seed", spec.seed)).model
+        log.info(f"distillation teacher: {plan.teacher}")
+        model = load_model(plan.teacher, dtype=plan.dtype, seed=(plan.base or {}).get("seed", spec.seed)).model
     timings["teacher_load_s"] = time.perf_counter() - start
     return model
 
@@ -164,22 +164,22 @@ def recover(plan: Plan, loaded, seqlen, teacher_model, timings: dict, stage: int
     the caller's evaluation."""
     from calibration import calibration_windows
 
-    from .recover import TrainCheckpoint, train, training_fingerprint, zero_fraction
+    from .plan import checkpoint_fingerprint
+    from .recover import TrainCheckpoint, train, zero_fraction
 
     spec, rc = plan.spec, plan.spec.recover
     from_file = rc.train_data.startswith("tokens:")
     seed = spec.seed + stage
     windows = calibration_windows(rc.train_data, loaded.tokenizer,
                                   None if from_file else rc.steps * rc.batch_size * rc.grad_accum,
-                                  None if from_file else rc.seqlen, seed)
+                                  rc.window, seed)
     check_token_range(windows, loaded.model, rc.train_data)
     sparsity_before = zero_fraction(loaded.model)
     ppl_before, _ = perplexities(plan, loaded.model, loaded.tokenizer, seqlen, quiet=True)
     checkpoint, every = None, None
     if spec.checkpoint_dir:
         every = rc.checkpoint_every or max(1, rc.steps // 10)
-        fingerprint = dict(training_fingerprint(rc, seed), pruned=str(Path(spec.model).expanduser().resolve()),
-                           seqlen=int(windows.shape[1]), dtype=str(plan.dtype))
+        fingerprint = dict(checkpoint_fingerprint(spec, plan.source, plan.dtype), window=int(windows.shape[1]))
         checkpoint = TrainCheckpoint(spec.checkpoint_dir, fingerprint)
     log.info(f"recovery ({rc.mode}{', distilled' if teacher_model is not None else ''}): {rc.steps} steps of "
              f"{rc.batch_size} x {rc.grad_accum} windows of {windows.shape[1]} tokens from {rc.train_data}, "
@@ -193,7 +193,7 @@ def recover(plan: Plan, loaded, seqlen, teacher_model, timings: dict, stage: int
         raise RunError("recovery left a pruned weight non-zero; please report this")
     timings["recover_s"] = timings.get("recover_s", 0.0) + result.seconds
     curve, every_point = result.loss_curve, max(1, -(-len(result.loss_curve) // 1000))  # at most 1000 points
-    teacher_name = rc.teacher or (plan.lineage["model"] if plan.lineage is not None else spec.model)
+    teacher_name = plan.teacher or spec.model
     return RecoveryRecord(
         mode=rc.mode, data=rc.train_data, steps=rc.steps, tokens=rc.steps * result.tokens_per_step,
         tokens_per_step=result.tokens_per_step, seqlen=int(windows.shape[1]), batch_size=rc.batch_size,
@@ -205,7 +205,8 @@ def recover(plan: Plan, loaded, seqlen, teacher_model, timings: dict, stage: int
         seconds=result.seconds, seconds_per_step=result.seconds / max(1, result.steps_run),
         resumed_from_step=result.resumed_from,
         ppl_before=ppl_before, ppl_at={str(k): v for k, v in result.evaluations.items()},
-        sparsity_before=sparsity_before, sparsity_after=zero_fraction(loaded.model), masks_locked=result.masks_held)
+        sparsity_before=sparsity_before, sparsity_after=zero_fraction(loaded.model), masks_locked=result.masks_held,
+        trained=result.trained)
 
 
 def iterative(plan: Plan, loaded, ids, seqlen, teacher_model, timings: dict):

@@ -210,7 +210,8 @@ def test_recover_command_records_and_saves(pruned_dir, tmp_path, capsys):
             assert torch.equal(tensor == 0, after[name] == 0), name  # the zero pattern, exactly
     # a recovered model is a pruned model too: it can be recovered again, and distilled from its base
     assert main(["recover", "--pruned", str(saved), "--steps", "1", "--batch-size", "1", "--train-seqlen", "32",
-                 "--seqlen", "32", "--eval-ppl", "none", "--distill", "--mode", "lora", "--quiet"]) == 0
+                 "--seqlen", "32", "--eval-ppl", "none", "--distill", "--mode", "lora", "--quiet",
+                 "--output", str(tmp_path / "again")]) == 0
 
 
 def test_recover_command_resumes_bitwise(pruned_dir, tmp_path):

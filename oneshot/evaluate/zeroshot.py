@@ -32,7 +32,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..errors import UsageError, require
 from . import offline_tasks
 
 SUITES: dict[str, tuple[str, ...]] = {
@@ -107,10 +107,8 @@ class PreparedTasks:
 
 
 def _require_lm_eval() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("datasets") is None:
-        raise ZeroShotError("zero-shot evaluation needs lm-eval and datasets: pip install 'oneshot[eval]'")
+    require("lm_eval", "zero-shot evaluation", "eval", "lm-eval")
+    require("datasets", "zero-shot evaluation", "eval")
 
 
 def _quiet_lm_eval(level: int = logging.ERROR):

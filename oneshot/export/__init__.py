@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, require
 from ..settings import spelled
 from ..spec import FORMATS
 from .hf import directory_bytes, lineage_card, read_lineage, save_model
@@ -53,12 +53,12 @@ def check_format(model, format: str, grid) -> None:
         if unwritten:
             raise ExportError(f"{flag} gguf: this writer does not store {', '.join(unwritten)} of this {family} "
                               f"model; save it with {flag} hf")
-        _require("gguf", flag, "gguf")
+        require("gguf", f"{flag} gguf", "quant")
         if grid is not None and not (grid.symmetric and grid.group_size == BLOCK):
             raise ExportError(f"{flag} gguf stores int{grid.bits} as Q{grid.bits}_0: symmetric blocks of {BLOCK} "
                               f"weights; add {spelled('symmetric')} {spelled('group_size')} {BLOCK}")
         return
-    _require("compressed_tensors", flag, "compressed-tensors")
+    require("compressed_tensors", f"{flag} compressed-tensors", "quant", "compressed-tensors")
     if not grid.symmetric:
         # compressed-tensors 0.20 packs asymmetric zero points on save, but transformers' loader expects them
         # unpacked, so such a checkpoint does not load; symmetric grids load exactly.
@@ -69,13 +69,6 @@ def check_format(model, format: str, grid) -> None:
             if type(layer) is not nn.Linear:
                 raise ExportError(f"{flag} compressed-tensors packs nn.Linear layers; {layer_name} is a "
                                   f"{type(layer).__name__} (fused experts or Conv1D); save with {flag} hf")
-
-
-def _require(module: str, flag: str, package: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ExportError(f"{flag} needs the {package} package: pip install 'oneshot[quant]'")
 
 
 def save_in_format(model, tokenizer, record: dict, directory: str | Path, format: str = "hf",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..paths import share_like_save_pretrained
 
-LINEAGE_KEYS = ("model", "model_source", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
+LINEAGE_KEYS = ("model", "model_source", "base", "method", "pattern", "sparsity_target", "sparsity_measured", "calibration",
                 "seed", "ppl", "versions", "options", "allocation", "sparsity_block_weights", "sparsity_model",
                 "structure", "quantization", "recovery", "stages")
 

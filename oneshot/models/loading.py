@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import require
 from .adapter import ModelError
 from .lazy import default_dtype as _default_dtype
 
@@ -50,6 +51,12 @@ TINY_PRESETS: dict[str, tuple[str, dict]] = {
     "tiny-gemma3": ("gemma3_text", dict(_TINY_ATTN, num_hidden_layers=3, intermediate_size=128,
                                         num_key_value_heads=2, head_dim=16, sliding_window=16,
                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # Gemma 3 270M's shape in small: four query heads sharing one KV head, tied embeddings, q/k norms,
+    # sliding and global layers (5 of each 6 sliding in the real one).
+    "tiny-gemma3-1kv": ("gemma3_text", dict(_TINY_ATTN, num_hidden_layers=3, intermediate_size=128,
+                                            num_key_value_heads=1, head_dim=16, sliding_window=16,
+                                            layer_types=["sliding_attention", "sliding_attention",
+                                                         "full_attention"])),
     "tiny-phi3": ("phi3", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2)),
     "tiny-opt": ("opt", dict(_TINY_IDS, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=256, word_embed_proj_dim=64)),
@@ -127,17 +134,12 @@ def smollm2_path() -> Path:
     return path
 
 
-def _require(module: str, why: str, install: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise ModelError(f"{why} needs the {module} package: {install}")
-
-
 def check_model_spec(spec: str) -> str:
     """Validate a model spec before any work; returns its kind ('alias', 'random', 'gguf', 'local', 'hub')."""
     if spec in ALIASES:
         smollm2_path()
-        _require("gguf", "loading a GGUF model", "pip install 'oneshot[offline]'")
-        _require("accelerate", "loading a GGUF model", "pip install 'oneshot[offline]'")
+        require("gguf", "loading a GGUF model", "offline")
+        require("accelerate", "loading a GGUF model", "offline")
         return "alias"
     if spec.startswith("random:"):
         if spec[7:] not in PRESETS:
@@ -147,12 +149,19 @@ def check_model_spec(spec: str) -> str:
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"GGUF file {spec} does not exist")
-        _require("gguf", "loading a GGUF model", "pip install 'oneshot[offline]'")
+        require("gguf", "loading a GGUF model", "offline")
         return "gguf"
     if path.exists():
         if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+            if ggufs:  # a model saved with --format gguf: the file is the model
+                raise ModelError(f"{spec} holds a GGUF model: give the file itself, {ggufs[0]}")
             raise ModelError(f"{spec} is not a model directory (no config.json)")
         _check_local_files(path, spec)
+        quantized = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+        if quantized.get("quant_method") == "compressed-tensors":
+            require("compressed_tensors", f"loading {spec} (a compressed-tensors checkpoint)", "quant",
+                    "compressed-tensors")
         return "local"
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
         raise ModelError(f"unknown model {spec!r}: not a built-in alias ({', '.join(ALIASES)}), a random:<preset>, "
@@ -177,6 +186,12 @@ def _check_local_files(path: Path, spec: str) -> None:
                 raise ModelError(f"{path / name} is damaged (not a JSON object); restore it or save the model again")
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", BYTE_TOKENIZER_FILE)
     if not any((path / name).is_file() for name in tokenizer_files):
+        card = path / "oneshot.json"
+        base = json.loads(card.read_text()).get("model", "") if card.is_file() else ""
+        if str(base).startswith("random:"):  # a random preset reads UTF-8 bytes: its tokenizer is a marker file
+            raise ModelError(f"{spec} comes from {base}, which reads text as UTF-8 bytes, but its marker file "
+                             f"{BYTE_TOKENIZER_FILE} is missing; save the model again with oneshot, or restore that "
+                             "file")
         raise ModelError(f"{spec} has no tokenizer files ({', '.join(tokenizer_files[:3])}); copy the base model's "
                          "tokenizer files into it")
     shards = sorted(path.glob("*.safetensors"))

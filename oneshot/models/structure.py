@@ -221,6 +221,10 @@ def _heads_coupling(spec: _Family, config, attention: AttentionMap) -> Coupling:
             allowed.append(kept)
         except ModelError as exc:
             first_refusal = first_refusal or str(exc)
+    if groups == 1:  # Gemma 3 270M: every query head shares the one key/value head
+        return Coupling("heads", groups, members, counters, per_unit, (groups,), False,
+                        f"its {per_group} query heads share one key/value head (one KV group), and removing that "
+                        "group would remove the whole attention")
     if allowed == [groups]:
         return Coupling("heads", groups, members, counters, per_unit, (groups,), False,
                         f"no smaller head count passes the config's checks: {first_refusal}")

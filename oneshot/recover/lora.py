@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UsageError
-from ..models import ModelError, decoder_blocks, layer_parameter, prunable_layers
+from ..models import ExpertProjection, ModelError, decoder_blocks, layer_parameter, prunable_layers
 from ..models.adapter import _is_conv1d
 from ..spec import LORA_UPDATES, Recovery
 
@@ -46,20 +46,36 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
                  for name in names)
 
 
+def adaptable_layers(model: nn.Module) -> list[str]:
+    """The prunable layers of a block that peft can adapt (names inside block 0): modules with a weight of
+    their own. A fused expert tensor's slices (models.ExpertProjection) are not: peft adapts modules, and
+    one expert's projection is a slice of a parameter shared by all experts."""
+    return [name for name, layer in prunable_layers(decoder_blocks(model)[0]).items()
+            if not isinstance(layer, ExpertProjection)]
+
+
 def matching_layers(model: nn.Module, targets) -> dict[str, list[str]]:
-    """target -> the block layers (names inside block 0) it matches, as peft matches names: the whole
-    name or its ending after a dot."""
-    layers = list(prunable_layers(decoder_blocks(model)[0]))
+    """target -> the adaptable block layers (names inside block 0) it matches, as peft matches names: the
+    whole name or its ending after a dot."""
+    layers = adaptable_layers(model)
     return {target: [n for n in layers if n == target or n.endswith("." + target)] for target in targets}
 
 
 def check_targets(model: nn.Module, targets, flag: str = "--lora-targets") -> tuple[str, ...]:
-    """The targets, each matching at least one linear layer of the blocks; else LoraError."""
+    """The targets, each matching at least one adaptable layer of the blocks; else LoraError (before any work:
+    a skeleton of the model will do)."""
     targets = tuple(targets) if targets else default_targets(model)
     matched = matching_layers(model, targets)
     missing = [t for t, found in matched.items() if not found]
     if missing:
-        choices = ", ".join(prunable_layers(decoder_blocks(model)[0]))
+        experts = [t for t in missing if any(n == t or n.endswith("." + t) for n, layer in
+                                             prunable_layers(decoder_blocks(model)[0]).items()
+                                             if isinstance(layer, ExpertProjection))]
+        choices = ", ".join(adaptable_layers(model))
+        if experts:
+            raise LoraError(f"{flag} {','.join(experts)}: a fused expert's projection is a slice of one tensor shared "
+                            f"by all experts, which LoRA (peft) cannot adapt; choose from: {choices}, or recover the "
+                            f"experts with full fine-tuning")
         raise LoraError(f"{flag} {','.join(missing)} match no linear layer of this model's blocks; choose from: "
                         f"{choices}")
     return targets

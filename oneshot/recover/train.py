@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_atomic
 from ..errors import RunError
-from ..models import decoder_blocks, prunable_layers
+from ..models import ExpertProjection, decoder_blocks, prunable_layers
 from ..spec import Recovery
 from . import lora
 from .locked import apply_masks, capture_masks, mask_gradients, masks_hold
@@ -56,6 +56,7 @@ class TrainResult:
     lora_targets: tuple = ()
     evaluations: dict = field(default_factory=dict)  # step -> what `evaluate` returned at recovery.eval_at
     lora_dropout: float = lora.DEFAULT_DROPOUT
+    trained: dict = field(default_factory=dict)  # trained_summary of what the optimiser updated
 
 
 class TrainCheckpointError(RunError):
@@ -113,12 +114,31 @@ def _set_rng_states(states: dict) -> None:
 
 
 def full_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Full mode trains the block linears (weights and biases); embeddings, norms and head stay frozen."""
+    """Full mode trains what the engine prunes: every prunable layer of the blocks, with its bias, fused
+    expert tensors included (their masks locked like any other); embeddings, norms, routers and the head
+    stay frozen."""
     chosen = set()
     for block in decoder_blocks(model):
         for layer in prunable_layers(block).values():
-            chosen.update(id(p) for p in layer.parameters())
+            if isinstance(layer, ExpertProjection):
+                chosen.add(id(layer.fused))
+                bias = getattr(layer.experts, f"{layer.parameter}_bias", None) if layer.experts.has_bias else None
+                if bias is not None:
+                    chosen.add(id(bias))
+            else:
+                chosen.update(id(p) for p in layer.parameters())
     return {n: p for n, p in model.named_parameters() if id(p) in chosen}
+
+
+def trained_summary(trainable: dict[str, nn.Parameter]) -> dict:
+    """What a recovery trained, for its record: tensors and parameters, by the kind of tensor."""
+    kinds: dict[str, dict] = {}
+    for name, parameter in trainable.items():
+        kind = ".".join(part for part in name.split(".")[-3:] if not part.isdigit())
+        seen = kinds.setdefault(kind, {"tensors": 0, "numel": 0})
+        seen["tensors"] += 1
+        seen["numel"] += parameter.numel()
+    return {"tensors": len(trainable), "numel": sum(p.numel() for p in trainable.values()), "kinds": kinds}
 
 
 def batch_rows(step: int, micro: int, batch_size: int, grad_accum: int, nrows: int) -> torch.Tensor:
@@ -147,12 +167,11 @@ def train(model: nn.Module, windows: torch.Tensor, settings: Recovery, device: s
         model = lora.wrap(model, targets, settings.lora_r, settings.lora_alpha, lora.DEFAULT_DROPOUT, masks,
                           settings.lora_update)
         trainable = {n: p for n, p in model.named_parameters() if "lora_" in n}
-        for p in trainable.values():
-            p.requires_grad_(True)
     else:
         trainable = full_trainable(model)
-        for p in trainable.values():
-            p.requires_grad_(True)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    trained = trained_summary(trainable)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=settings.peak_lr, weight_decay=WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, settings.steps, settings.warmup, settings.schedule))
@@ -220,7 +239,7 @@ def train(model: nn.Module, windows: torch.Tensor, settings: Recovery, device: s
     if teacher is not None:
         teacher.to("cpu")
     return TrainResult(model, curve, seconds, last - start, start, tokens_per_step, masks_hold(model, masks),
-                       targets, evaluations)
+                       targets, evaluations, trained=trained)
 
 
 def _evaluate_as_saved(model: nn.Module, masks: dict, mode: str, evaluate) -> dict:
