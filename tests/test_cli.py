@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from oneshot.cli import main
-
-TINY = ["--model", "random:tiny-llama", "--nsamples", "4", "--seqlen", "64", "--eval-samples", "2", "--quiet"]
-
-
-def run(argv, capsys):
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import TINY_ARGS, run_cli
 
 
 def test_prune_writes_result_and_loadable_model(tmp_path, capsys):
     out, saved = tmp_path / "run", tmp_path / "model"
-    code, stdout, _ = run(["prune", *TINY, "--method", "sparsegpt", "--pattern", "2:4",
-                           "--output", str(out), "--save-model", str(saved)], capsys)
+    code, stdout, _ = run_cli(["prune", *TINY_ARGS, "--method", "sparsegpt", "--pattern", "2:4",
+                               "--output", str(out), "--save-model", str(saved)], capsys)
     assert code == 0
     result = json.loads((out / "result.json").read_text())
     for key in ("model", "method", "pattern", "sparsity_target", "sparsity_measured", "sparsity_per_layer", "ppl",
@@ -48,7 +40,7 @@ def test_prune_writes_result_and_loadable_model(tmp_path, capsys):
 
 
 def test_dense_evaluates_without_pruning(tmp_path, capsys):
-    code, stdout, _ = run(["prune", *TINY, "--method", "dense", "--output", str(tmp_path / "d")], capsys)
+    code, stdout, _ = run_cli(["prune", *TINY_ARGS, "--method", "dense", "--output", str(tmp_path / "d")], capsys)
     assert code == 0
     result = json.loads((tmp_path / "d" / "result.json").read_text())
     assert result["sparsity_measured"] < 0.01 and result["calibration"] is None
@@ -58,9 +50,9 @@ def test_tokens_source_is_used_as_is(tmp_path, capsys):
     calib = torch.randint(3, 256, (3, 32))
     torch.save(calib, tmp_path / "c.pt")
     np.save(tmp_path / "e.npy", torch.randint(3, 256, (2, 32)).numpy())
-    code, _, _ = run(["prune", "--model", "random:tiny-opt", "--method", "wanda", "--quiet",
-                      "--calibration", f"tokens:{tmp_path / 'c.pt'}", "--eval-ppl", f"tokens:{tmp_path / 'e.npy'}",
-                      "--output", str(tmp_path / "o")], capsys)
+    code, _, _ = run_cli(["prune", "--model", "random:tiny-opt", "--method", "wanda", "--quiet",
+                          "--calibration", f"tokens:{tmp_path / 'c.pt'}", "--eval-ppl",
+                          f"tokens:{tmp_path / 'e.npy'}", "--output", str(tmp_path / "o")], capsys)
     assert code == 0
     result = json.loads((tmp_path / "o" / "result.json").read_text())
     assert result["calibration"]["nsamples"] == 3 and result["calibration"]["seqlen"] == 32
@@ -103,7 +95,7 @@ def test_bad_input_is_one_line_and_writes_nothing(extra, fragment, tmp_path, cap
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     out = tmp_path / "out"
     started = time.perf_counter()
-    code, stdout, stderr = run(["prune", *TINY, "--method", "wanda", *extra, "--output", str(out)], capsys)
+    code, stdout, stderr = run_cli(["prune", *TINY_ARGS, "--method", "wanda", *extra, "--output", str(out)], capsys)
     assert code == 2
     lines = stderr.strip().splitlines()  # progress lines ("loading ...") may come first
     errors = [line for line in lines if line.startswith("oneshot: error:")]
@@ -117,7 +109,7 @@ def test_bad_input_is_one_line_and_writes_nothing(extra, fragment, tmp_path, cap
 def test_existing_output_is_refused(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "result.json").write_text("{}")
-    code, _, stderr = run(["prune", *TINY, "--output", str(tmp_path / "out")], capsys)
+    code, _, stderr = run_cli(["prune", *TINY_ARGS, "--output", str(tmp_path / "out")], capsys)
     assert code == 2 and "already exists" in stderr
     assert (tmp_path / "out" / "result.json").read_text() == "{}"
 

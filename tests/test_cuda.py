@@ -11,17 +11,15 @@ from oneshot.methods import get_method, parse_pattern
 from oneshot.models import build_random_model, decoder_blocks, prunable_layers
 from oneshot.spec import Calibration, Evaluation
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from helpers import random_ids
 
-
-def _ids(n=8, seqlen=64):
-    return torch.randint(3, 512, (n, seqlen), generator=torch.Generator().manual_seed(0))
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _pruned(method: str, pattern: str, device: str, options=None, dtype=torch.float64):
     model = build_random_model("tiny-llama", dtype, seed=0)
-    prune_model(model, get_method(method), 0.5, parse_pattern(pattern), _ids(), device=device, progress=False,
-                options=options or {})
+    prune_model(model, get_method(method), 0.5, parse_pattern(pattern), random_ids(8, 64), device=device,
+                progress=False, options=options or {})
     return {name: layer.weight.detach().cpu().clone() for name, layer in prunable_layers(model).items()}
 
 
@@ -65,8 +63,8 @@ def test_the_gpu_holds_one_block_at_a_time():
     block_bytes = sum(p.numel() * p.element_size() for p in decoder_blocks(model)[0].parameters())
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    prune_model(model, get_method("sparsegpt"), 0.5, parse_pattern("unstructured"), _ids(4, 128), device="cuda",
-                progress=False)
+    prune_model(model, get_method("sparsegpt"), 0.5, parse_pattern("unstructured"), random_ids(4, 128),
+                device="cuda", progress=False)
     assert all(p.device.type == "cpu" for p in model.parameters())  # every block went back
     peak = torch.cuda.max_memory_allocated() - before
     # the embeddings, one block, its Hessians and the activations: far below the whole model (12 blocks)

@@ -9,9 +9,7 @@ from oneshot.engine import measure_sparsity, prune_model
 from oneshot.methods import get_method, parse_pattern
 from oneshot.models import TINY_PRESETS, build_random_model, decoder_blocks, get_weight, prunable_layers, set_weight
 
-
-def _calibration(n=6, seqlen=24, seed=0):
-    return torch.randint(3, 512, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+from helpers import random_ids
 
 
 @torch.no_grad()
@@ -49,7 +47,7 @@ def test_engine_equals_full_model_reference(preset, method_name, pattern):
     method, pattern = get_method(method_name), parse_pattern(pattern)
     model = build_random_model(preset, torch.float64)
     reference = copy.deepcopy(model)
-    ids = _calibration()
+    ids = random_ids(6, 24)
     prune_model(model, method, 0.5, pattern, ids, batch_size=4, progress=False)  # 4 does not divide 6: ragged chunks
     _reference_prune(reference, method, 0.5, pattern, ids)
     got, expected = _masks(model), _masks(reference)
@@ -74,7 +72,7 @@ def test_layers_reading_one_input_share_one_statistic(preset, distinct_inputs):
 
     method = dataclasses.replace(base, statistic=Counting)
     model = build_random_model(preset, torch.float32)
-    prune_model(model, method, 0.5, parse_pattern("unstructured"), _calibration(), batch_size=2, progress=False)
+    prune_model(model, method, 0.5, parse_pattern("unstructured"), random_ids(6, 24), batch_size=2, progress=False)
     assert len(created) == distinct_inputs * len(decoder_blocks(model))
     assert all(stat.sequences == 6 for stat in created)  # every chunk fed exactly once
 
@@ -83,7 +81,7 @@ def test_layers_reading_one_input_share_one_statistic(preset, distinct_inputs):
 @pytest.mark.parametrize("method_name", ["magnitude", "wanda", "sparsegpt"])
 def test_every_family_prunes_end_to_end(preset, method_name):
     model = build_random_model(preset, torch.float32)
-    ids = _calibration(n=4, seqlen=32)
+    ids = random_ids(4, 32)
     embeddings = model.get_input_embeddings().weight.clone()
     head = model.get_output_embeddings().weight.clone()
     report = prune_model(model, get_method(method_name), 0.5, parse_pattern("2:4"), ids, batch_size=3, progress=False)
@@ -102,7 +100,7 @@ def test_every_family_prunes_end_to_end(preset, method_name):
 def test_gpt2_conv1d_is_pruned_along_inputs():
     """GPT-2 stores Conv1D weights [in, out]; the adapter must hand the method [out, in]."""
     model = build_random_model("tiny-gpt2", torch.float32)
-    prune_model(model, get_method("wanda"), 0.5, parse_pattern("unstructured"), _calibration(), progress=False)
+    prune_model(model, get_method("wanda"), 0.5, parse_pattern("unstructured"), random_ids(6, 24), progress=False)
     layer = decoder_blocks(model)[0].mlp.c_fc  # 64 inputs -> 256 outputs
     per_output = (layer.weight == 0).sum(dim=0)  # zeros in each output's row of [out, in]
     assert bool((per_output == 32).all())
@@ -112,12 +110,12 @@ def test_same_seed_same_masks():
     masks = []
     for _ in range(2):
         model = build_random_model("tiny-llama", torch.float32, seed=3)
-        prune_model(model, get_method("sparsegpt"), 0.5, parse_pattern("unstructured"), _calibration(seed=1),
+        prune_model(model, get_method("sparsegpt"), 0.5, parse_pattern("unstructured"), random_ids(6, 24, seed=1),
                     progress=False)
         masks.append(_masks(model))
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
     other = build_random_model("tiny-llama", torch.float32, seed=3)
-    prune_model(other, get_method("sparsegpt"), 0.5, parse_pattern("unstructured"), _calibration(seed=2),
+    prune_model(other, get_method("sparsegpt"), 0.5, parse_pattern("unstructured"), random_ids(6, 24, seed=2),
                 progress=False)
     assert any(not torch.equal(masks[0][k], v) for k, v in _masks(other).items())
 

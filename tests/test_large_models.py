@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oneshot import RunSpec, run
+from oneshot import run
 from oneshot.models import PRESETS, block_weights, build_random_model, decoder_blocks, load_model, materialised
 from oneshot.models import lazy, loading
-from oneshot.spec import Calibration, Evaluation
+from oneshot.spec import Evaluation
 
-TINY = RunSpec(model="random:tiny-llama", calibration=Calibration(nsamples=4, seqlen=64),
-               eval=Evaluation(samples=2), progress=False)
+from helpers import TINY_SPEC
+
 # Whatever differs between two runs of the same settings: when, how long, how much memory, the command.
 VARYING = {"timings", "peak_memory_gib", "finished_at", "command", "model_source",
            "saved_model"}  # its path, and its bytes: one file against shards
@@ -48,9 +48,9 @@ def _one_block_at_a_time(monkeypatch):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_blocks_on_disk_prune_and_save_the_in_memory_model_bitwise(method, tmp_path, monkeypatch):
-    whole = run(TINY.replace(method=method, save_model=str(tmp_path / "whole")))
+    whole = run(TINY_SPEC.replace(method=method, save_model=str(tmp_path / "whole")))
     loads = _one_block_at_a_time(monkeypatch)
-    streamed = run(TINY.replace(method=method, save_model=str(tmp_path / "streamed"), weights_on_disk=True))
+    streamed = run(TINY_SPEC.replace(method=method, save_model=str(tmp_path / "streamed"), weights_on_disk=True))
     assert loads and sorted(set(loads)) == [0, 1]
     assert same(whole, streamed)  # perplexity, sparsity per layer and over the model, notes: all equal
     a, b = tensors(tmp_path / "whole"), tensors(tmp_path / "streamed")
@@ -63,7 +63,8 @@ def test_blocks_on_disk_prune_and_save_the_in_memory_model_bitwise(method, tmp_p
 
 
 def test_a_sharded_checkpoint_opens_with_its_blocks_left_on_disk(tmp_path, monkeypatch):
-    run(TINY.replace(method="dense", eval=Evaluation(ppl=()), save_model=str(tmp_path / "base"), weights_on_disk=True))
+    run(TINY_SPEC.replace(method="dense", eval=Evaluation(ppl=()), save_model=str(tmp_path / "base"),
+                          weights_on_disk=True))
     reference = load_model(str(tmp_path / "base")).model  # transformers' own loader, whole
     opened = load_model(str(tmp_path / "base"), on_disk=True).model
     assert block_weights(opened) is not None
@@ -75,7 +76,7 @@ def test_a_sharded_checkpoint_opens_with_its_blocks_left_on_disk(tmp_path, monke
     assert all(p.is_meta for p in decoder_blocks(opened)[1].parameters())  # released after
 
     _one_block_at_a_time(monkeypatch)
-    spec = TINY.replace(model=str(tmp_path / "base"), method="wanda", pattern="2:4")
+    spec = TINY_SPEC.replace(model=str(tmp_path / "base"), method="wanda", pattern="2:4")
     assert same(run(spec), run(spec.replace(weights_on_disk=True)))
 
 
@@ -96,7 +97,7 @@ def test_real_shape_presets_are_drawn_block_by_block_the_same_either_way(monkeyp
 
 
 def test_weights_stay_on_disk_by_themselves_when_they_would_not_fit(tmp_path, monkeypatch):
-    run(TINY.replace(method="dense", eval=Evaluation(ppl=()), save_model=str(tmp_path / "base")))
+    run(TINY_SPEC.replace(method="dense", eval=Evaluation(ppl=()), save_model=str(tmp_path / "base")))
     assert not loading.weights_stay_on_disk(str(tmp_path / "base"), torch.float32)
     monkeypatch.setattr(lazy, "available_host_bytes", lambda: 1000)  # a machine with 1 kB free
     assert loading.weights_stay_on_disk(str(tmp_path / "base"), torch.float32)

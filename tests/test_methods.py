@@ -7,19 +7,12 @@ seeded, so the whole file runs in a few seconds on CPU.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-try:
-    import oneshot  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from oneshot.methods import (  # noqa: E402
+from oneshot.methods import (
     METHODS,
     ActSqNorm,
     Hessian,

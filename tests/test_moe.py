@@ -14,12 +14,10 @@ from oneshot.models import (TINY_MOE_PRESETS, TINY_PRESETS, ExpertProjection, bl
                             decoder_blocks, get_weight, load_model, prunable_layers)
 from oneshot.spec import Calibration, Evaluation
 
+from helpers import random_ids
+
 MOE = sorted(TINY_MOE_PRESETS)
 CALIBRATION, NO_PPL = Calibration(nsamples=4, seqlen=32), Evaluation(ppl=())
-
-
-def _ids(n=6, seqlen=16, seed=0):
-    return torch.randint(3, 512, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
 def _fused_experts(model):
@@ -48,7 +46,7 @@ def test_every_expert_is_pruned_to_the_target_and_routers_are_untouched(preset, 
     model = build_random_model(preset, torch.float32)
     routers = _router_weights(model)
     assert routers  # every MoE preset has a router per MoE block
-    report = prune_model(model, get_method(method), 0.5, parse_pattern("unstructured"), _ids(), batch_size=4,
+    report = prune_model(model, get_method(method), 0.5, parse_pattern("unstructured"), random_ids(6, 16), batch_size=4,
                          progress=False)
     experts = _fused_experts(model)
     assert experts
@@ -76,7 +74,7 @@ def test_every_expert_is_pruned_to_the_target_and_routers_are_untouched(preset, 
 def test_an_experts_statistic_comes_from_exactly_the_tokens_routed_to_it(preset):
     """The engine's per-expert statistics equal a hand-written loop over a whole-model forward."""
     model = build_random_model(preset, torch.float64)
-    ids = _ids()
+    ids = random_ids(6, 16)
     seen = {}
     handles = [module.register_forward_pre_hook(
         lambda m, args, key=(index, name): seen.__setitem__(key, (args[0], args[1])))
@@ -138,7 +136,7 @@ def test_expert_by_expert_layers_compute_what_the_fused_kernel_computes(preset):
             torch.testing.assert_close(routed, fused, rtol=1e-5, atol=1e-6)
 
     compare()
-    prune_model(model, get_method("wanda"), 0.5, parse_pattern("2:4"), _ids(), batch_size=4, progress=False)
+    prune_model(model, get_method("wanda"), 0.5, parse_pattern("2:4"), random_ids(6, 16), batch_size=4, progress=False)
     compare()
     for block in decoder_blocks(model):
         layers = [layer for layer in prunable_layers(block).values() if isinstance(layer, ExpertProjection)]
@@ -178,7 +176,7 @@ def test_an_expert_that_receives_no_tokens_is_pruned_by_magnitude_and_noted(meth
             created.append(self)
 
     method = dataclasses.replace(base, statistic=Counting)
-    report = prune_model(model, method, 0.5, pattern, _ids(), batch_size=4, progress=False)
+    report = prune_model(model, method, 0.5, pattern, random_ids(6, 16), batch_size=4, progress=False)
     for handle in handles:
         handle.remove()
     # Every accumulator, the unused expert's included, counts all 6 sequences (N is the calibration set's).
@@ -198,7 +196,7 @@ def test_an_expert_that_receives_no_tokens_is_pruned_by_magnitude_and_noted(meth
 def test_n_m_holds_in_every_group_of_every_expert(preset, method, pattern):
     model = build_random_model(preset, torch.float32)
     pattern = parse_pattern(pattern)
-    report = prune_model(model, get_method(method), 0.5, pattern, _ids(), batch_size=4, progress=False)
+    report = prune_model(model, get_method(method), 0.5, pattern, random_ids(6, 16), batch_size=4, progress=False)
     checked = 0
     for block in decoder_blocks(model):
         for name, layer in prunable_layers(block).items():
@@ -290,7 +288,7 @@ def test_the_saved_model_reloads_and_gives_the_in_memory_logits(tmp_path, preset
     record = run(RunSpec(model=f"random:{preset}", method="sparsegpt", calibration=CALIBRATION,
                          eval=NO_PPL, progress=False, save_model=str(saved)), loaded=loaded)
     reloaded = AutoModelForCausalLM.from_pretrained(saved).eval()
-    ids = _ids(n=2, seqlen=24, seed=5)
+    ids = random_ids(2, 24, seed=5)
     with torch.no_grad():
         expected = loaded.model(input_ids=ids, use_cache=False).logits
         got = reloaded(input_ids=ids, use_cache=False).logits
@@ -314,7 +312,7 @@ def test_an_interrupted_moe_run_resumes_to_the_same_model(tmp_path):
     """Checkpoints hold the fused expert tensors; a resumed run ends bitwise equal to an uninterrupted one."""
     from oneshot.checkpoint import Checkpoint
 
-    method, pattern, ids = get_method("sparsegpt"), parse_pattern("unstructured"), _ids()
+    method, pattern, ids = get_method("sparsegpt"), parse_pattern("unstructured"), random_ids(6, 16)
     whole = build_random_model("tiny-deepseek-v3", torch.float32)
     prune_model(whole, method, 0.5, pattern, ids, batch_size=4, progress=False)
 

@@ -5,19 +5,11 @@ by line, never by calling the code under test a second way.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-try:
-    import oneshot  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from oneshot.allocation import OWL_OPTIONS, outlier_ratio, owl_sparsities  # noqa: E402
-from oneshot.methods.options import OptionError, check_options, defaults  # noqa: E402
+from oneshot.allocation import OWL_OPTIONS, outlier_ratio, owl_sparsities
+from oneshot.methods.options import OptionError, check_options, defaults
 
 
 def block_scores(seed: int, shapes=((24, 16), (8, 16), (40, 24))) -> list[torch.Tensor]:

@@ -9,6 +9,8 @@ from oneshot.engine import prune_model
 from oneshot.evaluate.perplexity import perplexity, window_losses
 from oneshot.methods import get_method, parse_pattern
 
+pytestmark = pytest.mark.system  # the embedded real model
+
 SEQLEN = 256
 
 

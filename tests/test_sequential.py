@@ -9,6 +9,8 @@ from oneshot.engine import SEQUENTIAL_STAGES, prune_model
 from oneshot.methods import get_method, parse_pattern
 from oneshot.models import build_random_model, decoder_blocks, get_weight, prunable_layers, set_weight
 
+from helpers import random_ids
+
 GROUPS = {  # forward order; layers in one group read the same tensor
     "tiny-llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                    ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
@@ -40,7 +42,7 @@ def test_sublayer_sequential_equals_a_hand_written_reference(preset, method_name
     method, pattern = get_method(method_name), parse_pattern(pattern)
     model = build_random_model(preset, torch.float64)
     reference = copy.deepcopy(model)
-    ids = torch.randint(3, 512, (5, 16), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(5, 16)
     prune_model(model, method, 0.5, pattern, ids, batch_size=2, progress=False, stages=SEQUENTIAL_STAGES)
     _sequential_reference(reference, method, 0.5, pattern, ids, GROUPS[preset])
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
@@ -49,7 +51,7 @@ def test_sublayer_sequential_equals_a_hand_written_reference(preset, method_name
 
 
 def test_sequential_differs_from_the_default_order_and_keeps_patterns():
-    ids = torch.randint(3, 512, (6, 24), generator=torch.Generator().manual_seed(1))
+    ids = random_ids(6, 24, seed=1)
     default, sequential = (build_random_model("tiny-llama", torch.float64) for _ in range(2))
     prune_model(default, get_method("sparsegpt"), 0.5, parse_pattern("2:4"), ids, progress=False)
     prune_model(sequential, get_method("sparsegpt"), 0.5, parse_pattern("2:4"), ids, progress=False,
@@ -72,7 +74,7 @@ def test_groups_are_found_once_per_kind_of_block(monkeypatch):
     seen, prune_layers = [], sequential.prune_layers
     monkeypatch.setattr(sequential, "prune_layers", lambda visit, group: seen.append(list(group)) or prune_layers(visit, group))
     model = build_random_model("tiny-llama", torch.float64)
-    ids = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(2))
+    ids = random_ids(4, 16, seed=2)
     prune_model(model, get_method("wanda"), 0.5, parse_pattern("unstructured"), ids, batch_size=2, progress=False,
                 stages=SEQUENTIAL_STAGES)
     blocks = len(decoder_blocks(model))

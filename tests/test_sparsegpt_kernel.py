@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")]
 
 CHECK = textwrap.dedent("""
     import torch

