@@ -120,18 +120,34 @@ def calibration_windows(source: str, tokenizer, nsamples: int | None, seqlen: in
     return random_windows(ids, nsamples, seqlen, seed, source)
 
 
-def evaluation_windows(source: str, tokenizer, seqlen: int | None, max_windows: int | None = None) -> torch.Tensor:
+def evaluation_windows(source: str, tokenizer, seqlen: int | None, max_windows: int | None = None,
+                       bos: int | None = None) -> torch.Tensor:
     """[n, seqlen] non-overlapping windows of the tokenised test text, tail dropped;
-    the first max_windows if given. seqlen None -> 2048 (the file's for tokens:)."""
+    the first max_windows if given. seqlen None -> 2048 (the file's for tokens:).
+
+    With `bos` (a token id) every window is that token followed by seqlen - 1 tokens of text, cut from the
+    text without the beginning-of-text token the tokenizer put at its start (a tokens: file's rows, as
+    given, get it in front: one column wider)."""
     kind, path = _parse(source, "evaluation")
     _check_positive(seqlen=seqlen, max_windows=max_windows)
     if kind == "tokens":
-        return _token_file_rows(path, source, seqlen, max_windows, must_fill=False)
+        rows = _token_file_rows(path, source, seqlen, max_windows, must_fill=False)
+        return rows if bos is None else _with_bos(rows, bos)
     seqlen = DEFAULT_SEQLEN if seqlen is None else seqlen
     ids = _token_stream(kind, path, tokenizer, "evaluation")
     if kind == "c4":
         ids = ids[:hub.C4_VALIDATION_WINDOWS * seqlen]
-    return consecutive_windows(ids, seqlen, max_windows, source)
+    if bos is None:
+        return consecutive_windows(ids, seqlen, max_windows, source)
+    if seqlen < 2:
+        raise SourceError(f"a window of {seqlen} token(s) has no room for text after the beginning-of-text token")
+    if ids.numel() and int(ids[0]) == bos:
+        ids = ids[1:]
+    return _with_bos(consecutive_windows(ids, seqlen - 1, max_windows, source), bos)
+
+
+def _with_bos(rows: torch.Tensor, bos: int) -> torch.Tensor:
+    return torch.cat([torch.full_like(rows[:, :1], bos), rows], dim=1)
 
 
 def _check_positive(**values) -> None:

@@ -56,6 +56,7 @@ def _with_model(plan: Plan, loaded) -> Record:
     try:
         if on_disk is not None:
             steps.check_on_disk(plan, on_disk)
+        plan = steps.adapt(plan, loaded)
         seqlen = steps.check_against_model(loaded, plan)
         record, report = PIPELINES[plan.spec.kind](plan, loaded, seqlen, timings)
         if plan.spec.save_model:
@@ -141,7 +142,8 @@ def _measured(plan: Plan, loaded, report, seqlen, timings: dict, calibration=Non
         family=getattr(model.config, "model_type", type(model).__name__),
         method=spec.method, pattern=str(plan.pattern), sparsity_target=plan.sparsity,
         sparsity_measured=report.sparsity, sparsity_per_layer=report.layer_sparsity,
-        method_notes=report.layer_info, ppl=ppl, eval={"windows": windows, "max_windows": spec.eval.samples},
+        method_notes=report.layer_info, ppl=ppl,
+        eval={"windows": windows, "max_windows": spec.eval.samples, "bos_every_window": plan.eval_bos},
         zeroshot=zeroshot, calibration=calibration, seed=spec.seed,
         **provenance(plan.device, plan.dtype, timings, spec.to_argv()),
         options=plan.method_options,

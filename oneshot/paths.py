@@ -162,3 +162,12 @@ def input_paths(spec) -> list[tuple[str, Path]]:
             if isinstance(source, str) and source.startswith(prefix):
                 found.append((flag, Path(source[len(prefix):]).expanduser().resolve()))
     return found
+
+
+def cache_root() -> Path:
+    """Where oneshot keeps what it builds once (offline task data, assembled and dequantised models):
+    $ONESHOT_CACHE, else $XDG_CACHE_HOME/oneshot, else ~/.cache/oneshot."""
+    if os.environ.get("ONESHOT_CACHE"):
+        return Path(os.environ["ONESHOT_CACHE"]).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return (Path(xdg).expanduser() / "oneshot").resolve()

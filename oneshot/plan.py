@@ -54,6 +54,7 @@ class Plan:
     source: dict | None = None  # models.identity of this run's input model
     base: dict | None = None  # models.identity of the dense model this run's model comes from
     teacher: str | None = None  # distillation's teacher to load; None: the model as loaded, before pruning
+    eval_bos: bool = False  # each perplexity window starts with BOS: eval.bos, or the family's convention
 
     @property
     def needs_calibration(self) -> bool:

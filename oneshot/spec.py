@@ -52,10 +52,10 @@ class Evaluation:
     limit: int | None = setting(
         None, "evaluate at most this many documents per zero-shot task", flag="--eval-limit", commands=ALL,
         minimum=1, owner="evaluate", shown_default="all")
-    bos: bool = setting(
-        False, "start every perplexity window with the tokenizer's beginning-of-text token, then seqlen - 1 tokens "
-        "of text (Gemma's own evaluations do; the papers' Llama protocol does not)", flag="--eval-bos", commands=ALL,
-        owner="evaluate")
+    bos: bool | None = setting(
+        None, "start every perplexity window with the tokenizer's beginning-of-text token, then seqlen - 1 tokens "
+        "of text", flag="--eval-bos", commands=ALL, owner="evaluate",
+        shown_default="the family's convention: yes for Gemma, no for the papers' Llama and OPT protocol")
     batch_size: int | str | None = setting(
         None, "lm-eval batch size: a whole number or auto", flag="--eval-batch-size", commands=ALL, minimum=1,
         words=("auto",), owner="evaluate", keyed=False, shown_default="8 on CPU, 32 on CUDA", metavar="B|auto")
@@ -149,7 +149,7 @@ class RunSpec:
     saved pruned model."""
 
     model: str = setting(
-        "smollm2-135m", "built-in alias (smollm2-135m), random:<preset>, a .gguf file, a local directory or a "
+        "smollm2-135m", "an embedded model (smollm2-135m, gemma3-270m), random:<preset>, a .gguf file, a local directory or a "
         "Hub id", flag="--model", commands=ALL, flags={"recover": "--pruned"}, owner="models", always=True,
         sweep="models", metavar="MODEL")
     method: str = setting(

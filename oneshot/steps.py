@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from .errors import RunError, UsageError
 from .plan import Plan
@@ -44,6 +43,16 @@ def check_on_disk(plan: Plan, on_disk) -> None:
     log.info("decoder blocks stay on disk: each is read when the engine reaches it and written back once pruned")
 
 
+def adapt(plan: Plan, loaded) -> Plan:
+    """The plan with what the loaded model's family decides where the settings leave it open."""
+    from dataclasses import replace
+
+    from .models import bos_every_window
+
+    bos = plan.spec.eval.bos
+    return replace(plan, eval_bos=bos_every_window(loaded.model) if bos is None else bos)
+
+
 def check_against_model(loaded, plan: Plan) -> int | None:
     """Checks that need the loaded model and its tokenizer (layer widths, positions), before any work;
     returns the seqlen to use (None: a tokens: file's own width)."""
@@ -64,7 +73,7 @@ def check_against_model(loaded, plan: Plan) -> int | None:
     if checked and limit and checked > limit:
         flag = spelled("calibration.seqlen")
         raise UsageError(f"{flag} {checked} exceeds the model's {limit} positions; pass {flag} {limit} or less")
-    if spec.eval.bos and getattr(loaded.tokenizer, "bos_token_id", None) is None:
+    if plan.eval_bos and plan.eval_sources and getattr(loaded.tokenizer, "bos_token_id", None) is None:
         raise UsageError(f"{spelled('eval.bos')}: this model's tokenizer has no beginning-of-text token; leave it out")
     rc = spec.recover
     if rc is not None and rc.window and limit and rc.window > limit:
@@ -240,7 +249,6 @@ def iterative(plan: Plan, loaded, ids, seqlen, teacher_model, timings: dict):
 def perplexities(plan: Plan, model, tokenizer, seqlen, move: bool = True, quiet: bool = False) -> tuple[dict, dict]:
     """(perplexity per evaluation source, [windows, seqlen] per source); a model whose blocks stay on
     disk is streamed block by block for every window."""
-    import torch
     from calibration import evaluation_windows
 
     from .evaluate.perplexity import perplexity
@@ -250,15 +258,12 @@ def perplexities(plan: Plan, model, tokenizer, seqlen, move: bool = True, quiet:
     if not plan.eval_sources:
         return ppl, windows
     streamed = block_weights(model) is not None
-    bos = plan.spec.eval.bos  # each window: the beginning-of-text token, then seqlen - 1 tokens of text
+    bos = tokenizer.bos_token_id if plan.eval_bos else None  # each window starts with it
     if move and not streamed:
         model.to(plan.device)
     try:
         for source in plan.eval_sources:
-            eval_ids = evaluation_windows(source, tokenizer, seqlen - 1 if bos and seqlen else seqlen,
-                                          plan.spec.eval.samples)
-            if bos:
-                eval_ids = torch.cat([torch.full_like(eval_ids[:, :1], tokenizer.bos_token_id), eval_ids], dim=1)
+            eval_ids = evaluation_windows(source, tokenizer, seqlen, plan.spec.eval.samples, bos=bos)
             check_token_range(eval_ids, model, source)
             windows[source] = list(eval_ids.shape)
             ppl[source] = perplexity(model, eval_ids, plan.device, batch_size=1, progress=plan.spec.progress,
@@ -327,11 +332,11 @@ def save(plan: Plan, loaded, record, report) -> None:
 
 def source_gguf(plan: Plan) -> str | None:
     """The GGUF file the model was read from (its tokenizer metadata is reused), if any."""
-    if plan.model_kind == "alias":
-        from .models.loading import smollm2_path
+    if plan.model_kind not in ("alias", "gguf"):
+        return None
+    from .models import gguf_file
 
-        return str(smollm2_path())
-    return str(Path(plan.spec.model).expanduser()) if plan.model_kind == "gguf" else None
+    return str(gguf_file(plan.spec.model))
 
 
 def check_token_range(ids, model, source) -> None:

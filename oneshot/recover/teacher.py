@@ -32,9 +32,9 @@ def tokenizer_identity(spec: str) -> str:
     from transformers.utils import logging as hf_logging
 
     if kind in ("alias", "gguf"):
-        from ..models import smollm2_path
+        from ..models import gguf_file
 
-        gguf = smollm2_path() if kind == "alias" else path.resolve()
+        gguf = gguf_file(spec)
         where, extra = str(gguf.parent), {"gguf_file": gguf.name}
     else:
         where, extra = spec, {}

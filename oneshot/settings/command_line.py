@@ -8,7 +8,6 @@ from .table import Entry, entries, get, with_values
 from .values import check_enabled, describe, split_list
 
 
-
 def _dest(e: Entry) -> str:
     return "setting:" + e.path
 
@@ -24,7 +23,9 @@ def add_arguments(parser, command: str) -> None:
             groups[owner] = parser if owner == "run" else parser.add_argument_group(_GROUP_TITLES.get(owner, owner))
         help_text = e.setting.help + _default_note(e)
         kwargs = dict(dest=_dest(e), help=help_text.replace("%", "%%"), default=argparse.SUPPRESS)
-        if e.is_switch:
+        if e.is_switch and e.nullable:  # unset means "decide for me": --flag and --no-flag both say
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif e.is_switch:
             kwargs["action"] = "store_false" if e.setting.negate else "store_true"
         elif e.type is dict:
             kwargs.update(action="append", metavar=e.setting.metavar or "NAME=VALUE")
@@ -118,7 +119,9 @@ def to_argv(spec) -> list[str]:
         if value is None or (value == e.default and not e.setting.always):
             continue
         flag = e.flag(command)
-        if e.is_switch:
+        if e.is_switch and e.nullable:
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif e.is_switch:
             if bool(value) != e.setting.negate:
                 argv.append(flag)
         elif e.type is dict:
