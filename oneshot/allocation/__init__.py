@@ -24,6 +24,7 @@ class Allocation:
     options: tuple[Option, ...] = ()
     statistic: Optional[type] = None  # what it reads from the dense model; None reads nothing
     accepts_nm: bool = True  # whether it can work with an N:M pattern (whose sparsity is fixed)
+    accepts_structured: bool = True  # whether it can give a structured pattern (one removal for every block)
 
     def check_options(self, given: dict | None) -> dict:
         return check_options(f"allocation {self.name}", self.options, given)
@@ -53,7 +54,7 @@ ALLOCATIONS: dict[str, Allocation] = {
     "uniform": Allocation("uniform", _uniform, "every layer gets the target sparsity"),
     "owl": Allocation("owl", _owl, "outlier-weighed layer-wise sparsity (Yin et al., 2024): blocks with more "
                       "Wanda-score outliers keep more weights", options=OWL_OPTIONS, statistic=ActSqNorm,
-                      accepts_nm=False),
+                      accepts_nm=False, accepts_structured=False),
 }
 
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from ..settings import Spelling, add_arguments, apply_arguments, from_mapping
+from ..settings import Spelling, add_arguments, apply_arguments, flatten, from_mapping
 from ..spec import Recovery, RunSpec
 
 SUMMARIES = {
@@ -31,12 +31,14 @@ def add_run_parsers(commands) -> None:
         p.set_defaults(handler=handler, command_name=command)
 
 
-def _run(args, base: RunSpec) -> int:
+def _run(args, base: RunSpec, from_config: frozenset = frozenset()) -> int:
     from ..api import run
 
     command = args.command_name
-    spec = apply_arguments(vars(args), base, command)
-    record = run(spec, spelling=Spelling("flag", command))
+    given = vars(args)
+    spec = apply_arguments(given, base, command)
+    flags = {key[len("setting:"):] for key in given if key.startswith("setting:")}
+    record = run(spec, spelling=Spelling("flag", command, from_config=frozenset(from_config - flags)))
     print_table(record.to_dict())
     return 0
 
@@ -44,11 +46,13 @@ def _run(args, base: RunSpec) -> int:
 def prune_command(args) -> int:
     from ..yamlio import read_yaml
 
-    base = RunSpec()
+    base, from_config = RunSpec(), frozenset()
     if "config" in vars(args):
         path = Path(args.config).expanduser()
-        base = from_mapping(read_yaml(path, "run config"), f"run config {path}", relative_to=path.parent.resolve())
-    return _run(args, base)
+        data = read_yaml(path, "run config")
+        base = from_mapping(data, f"run config {path}", relative_to=path.parent.resolve())
+        from_config = frozenset(flatten(data, f"run config {path}"))  # messages name these by their keys
+    return _run(args, base, from_config)
 
 
 def recover_command(args) -> int:

@@ -17,13 +17,14 @@ class Spelling:
     style: str = "key"  # flag | key | sweep
     command: str = "prune"
     where: str = ""  # a config file, for messages that name it
+    from_config: frozenset = frozenset()  # with flags: the settings a run config gave (named by their keys)
 
     def __call__(self, path: str) -> str:
         try:
             e = entry(path)
         except KeyError:
             return path
-        if self.style == "flag":
+        if self.style == "flag" and path not in self.from_config:
             flag = e.flag(self.command)
             if flag is not None:
                 return flag

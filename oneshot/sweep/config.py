@@ -212,13 +212,19 @@ class SweepConfig:
                 if baseline_method(method):
                     continue
                 try:  # the pattern picks the registry (a structured one names a criterion)
-                    resolved = resolve_method(method, parse_pattern(pattern), METHODS)
+                    resolved = resolve_method(method, parse_pattern(pattern), METHODS, "methods", "patterns")
                 except PatternError as exc:
                     skipped.append(f"{method} x {pattern}: {exc}")
                     continue  # e.g. block-influence x heads: a grid of criteria x patterns keeps the pairs that apply
-                if parse_pattern(pattern).is_nm and not getattr(ALLOCATIONS.get(allocation), "accepts_nm", True):
+                declared_allocation = ALLOCATIONS.get(allocation)
+                if parse_pattern(pattern).is_nm and not getattr(declared_allocation, "accepts_nm", True):
                     skipped.append(f"{method} x {pattern} x {allocation}: N:M fixes every layer's sparsity, so "
                                    "there is nothing to allocate")
+                    continue
+                if parse_pattern(pattern).is_structured and not getattr(declared_allocation, "accepts_structured",
+                                                                        True):
+                    skipped.append(f"{method} x {pattern} x {allocation}: a structured pattern removes the same "
+                                   "units from every block")
                     continue
                 options_for = getattr(resolved, "options_for", lambda _structure: resolved.options)
                 declared = {o.name for o in options_for(pattern)}  # a structured one: those that apply to it
@@ -236,7 +242,7 @@ class SweepConfig:
         unique = {}
         for spec in runs:
             unique.setdefault(run_key(spec), spec)
-        return list(unique.values()), skipped
+        return list(unique.values()), list(dict.fromkeys(skipped))
 
 
 def _as_list(where: str, value) -> list:
