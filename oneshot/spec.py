@@ -20,6 +20,7 @@ RECOVER_MODES = ("full", "lora")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SPARSITY_SCHEDULES = ("linear", "cubic")
 LORA_UPDATES = ("masked", "dense")
+STRUCTURED_PATTERNS = ("layers", "heads", "channels", "width")  # what each removes: see oneshot.structured
 # Peak learning rates: LoRA's is Wanda's recipe (1e-4); full fine-tuning moves every kept weight, so less.
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-4}
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import UsageError
+from ..spec import STRUCTURED_PATTERNS  # declared beside the pattern setting
 
 
 class PruneResult(NamedTuple):
@@ -39,7 +40,7 @@ class PatternError(UsageError):
     """A sparsity pattern or target that cannot be honoured; the message says what to change."""
 
 
-STRUCTURED_PATTERNS = ("layers", "heads", "channels", "width")  # what each removes: see oneshot.structured
+
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from ..spec import STRUCTURED_PATTERNS as STRUCTURED_ORDER
 from .store import numbered_records
 
-METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt", "admm", "flap", "taylor", "gradient", "block-influence", "angular")
 
+def method_order() -> list[str]:
+    """Rows follow the registries' order: the weight-pruning methods, then the structured criteria."""
+    from ..methods import METHODS
+    from ..structured import CRITERIA
 
-STRUCTURED_ORDER = ("layers", "heads", "channels", "width")
+    return list(dict.fromkeys([*METHODS, *CRITERIA]))
 
 
 DENSE_PATTERN = "-"
@@ -100,10 +104,12 @@ def _row_key(record: dict) -> tuple:
 
 
 def _sort_rows(rows):
+    order = method_order()
+
     def key(row):
         model, method, pattern = row
         base = method.split(" ")[0]
-        m = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+        m = order.index(base) if base in order else len(order)
         if pattern in (DENSE_PATTERN, "unstructured"):
             p = (0, 0, 0)
         elif pattern in STRUCTURED_ORDER:
