@@ -150,8 +150,8 @@ class RunSpec:
     saved pruned model."""
 
     model: str = setting(
-        "smollm2-135m", "an embedded model (smollm2-135m, gemma3-270m), random:<preset>, a .gguf file, a local directory or a "
-        "Hub id", flag="--model", commands=ALL, flags={"recover": "--pruned"}, owner="models", always=True,
+        "smollm2-135m", "an embedded model (smollm2-135m, gemma3-270m), random:<preset>, a .gguf file, a local "
+        "directory or a Hub id", flag="--model", commands=ALL, flags={"recover": "--pruned"}, owner="models", always=True,
         sweep="models", metavar="MODEL")
     method: str = setting(
         "sparsegpt", "dense | magnitude | wanda | sparsegpt | admm; with a structured --pattern, a criterion: "

@@ -50,7 +50,9 @@ def adapt(plan: Plan, loaded) -> Plan:
     from .models import bos_every_window
 
     bos = plan.spec.eval.bos
-    return replace(plan, eval_bos=bos_every_window(loaded.model) if bos is None else bos)
+    if bos is None:  # the family's convention, where the tokenizer has the token (random presets read bytes)
+        bos = bos_every_window(loaded.model) and getattr(loaded.tokenizer, "bos_token_id", None) is not None
+    return replace(plan, eval_bos=bos)
 
 
 def check_against_model(loaded, plan: Plan) -> int | None:

@@ -155,7 +155,7 @@ CASES = [
     (["prune", *SMALL_ARGS, "--format", "gguf"], "give --save-model"),
     (["prune", *SMALL_ARGS, "--format", "onnx", "--save-model", "{tmp}/m"], "unknown --format"),
     (["prune", *SMALL_ARGS, "--model", "random:tiny-opt", "--format", "gguf", "--save-model", "{tmp}/m"],
-     "gguf writes the llama architecture"),
+     "gguf writes the llama, mistral, qwen2, qwen3, gemma3_text families"),
     (["prune", *SMALL_ARGS, "--quantize", "int4", "--format", "gguf", "--save-model", "{tmp}/m"], "Q4_0"),
     (["prune", *SMALL_ARGS, "--format", "compressed-tensors", "--save-model", "{tmp}/m"], "stores quantised weights"),
     (["prune", *SMALL_ARGS, "--quantize", "int4", "--format", "compressed-tensors", "--save-model", "{tmp}/m"],

@@ -445,7 +445,7 @@ def test_rewrite_config_uses_the_family_keys(preset):
         new = rewrite_config(config, num_heads=2)
         assert (new.num_attention_heads, new.num_key_value_heads, new.head_dim) == (2, 1, 16)
         assert type(new).from_dict(new.to_dict()).head_dim == 16  # survives save and load (Phi-3 has no field)
-    for bad in (dict(kept_blocks=[]), dict(kept_blocks=[5]), dict(num_hidden_layers=9), dict(intermediate_size=0)):
+    for bad in (dict(kept_blocks=[]), dict(kept_blocks=[99]), dict(num_hidden_layers=99), dict(intermediate_size=0)):
         with pytest.raises(ModelError):
             rewrite_config(config, **bad)
 

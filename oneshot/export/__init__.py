@@ -29,27 +29,23 @@ def check_settings(spec) -> None:
                           f"or save with {flag} hf")
 
 
-def check_format(model, format: str, grid) -> None:
-    """Against the model's architecture (a skeleton will do) and the run's grid (None: not quantised)."""
+def check_format(model, format: str, grid, removes_blocks: bool = False) -> None:
+    """Against the model's architecture (a skeleton will do), the run's grid (None: not quantised) and
+    whether the run removes whole blocks (which changes what some architectures can hold)."""
     from ..models import decoder_blocks, prunable_layers
 
     flag = spelled("format")
     if format == "hf":
         return
     if format == "gguf":
-        from .gguf import BLOCK, GGUF_FAMILIES
+        from .gguf import BLOCK, GGUF_FAMILIES, unwritable
 
         family = getattr(model.config, "model_type", type(model).__name__)
         if family not in GGUF_FAMILIES:
-            raise ExportError(f"{flag} gguf writes the {', '.join(GGUF_FAMILIES)} architecture, and this model is "
-                              f"{family}; save it with {flag} hf or compressed-tensors")
-        config = model.config.get_text_config()
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        unwritten = [what for what, present in (
-            ("attention biases", getattr(config, "attention_bias", False)),
-            ("MLP biases", getattr(config, "mlp_bias", False)),
-            (f"rope scaling {rope.get('rope_type')!r}", rope.get("rope_type", "default") != "default"),
-        ) if present]
+            raise ExportError(f"{flag} gguf writes the {', '.join(GGUF_FAMILIES)} families (the architectures "
+                              f"llama.cpp reads), and this model is {family}; save it with {flag} hf or "
+                              "compressed-tensors")
+        unwritten = unwritable(model.config.get_text_config(), removes_blocks)
         if unwritten:
             raise ExportError(f"{flag} gguf: this writer does not store {', '.join(unwritten)} of this {family} "
                               f"model; save it with {flag} hf")

@@ -49,11 +49,10 @@ TINY_PRESETS: dict[str, tuple[str, dict]] = {
                                         num_key_value_heads=2, head_dim=16, sliding_window=16,
                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     # Gemma 3 270M's shape in small: four query heads sharing one KV head, tied embeddings, q/k norms,
-    # sliding and global layers (5 of each 6 sliding in the real one).
-    "tiny-gemma3-1kv": ("gemma3_text", dict(_TINY_ATTN, num_hidden_layers=3, intermediate_size=128,
+    # five sliding layers then a global one (the real one's pattern, which llama.cpp fixes for gemma3).
+    "tiny-gemma3-1kv": ("gemma3_text", dict(_TINY_ATTN, num_hidden_layers=6, intermediate_size=128,
                                             num_key_value_heads=1, head_dim=16, sliding_window=16,
-                                            layer_types=["sliding_attention", "sliding_attention",
-                                                         "full_attention"])),
+                                            layer_types=["sliding_attention"] * 5 + ["full_attention"])),
     "tiny-phi3": ("phi3", dict(_TINY_ATTN, intermediate_size=128, num_key_value_heads=2)),
     "tiny-opt": ("opt", dict(_TINY_IDS, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=256, word_embed_proj_dim=64)),

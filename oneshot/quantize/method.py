@@ -150,10 +150,6 @@ def check_settings(spec, method, pattern) -> tuple[Grid | None, str | None]:
     return Grid(BITS[spec.quantize], spec.group_size, spec.symmetric), how
 
 
-def check_model(skeleton, spec, grid: Grid | None) -> None:
-    """Against the model's architecture (its config, no weights)."""
-    from ..export import check_format
-
-    if grid is not None:
-        check_group_size(skeleton, grid, spelled("group_size"))
-    check_format(skeleton, spec.format, grid)
+def check_model(skeleton, grid: Grid) -> None:
+    """Against the model's architecture (its config, no weights): every quantised layer takes the group size."""
+    check_group_size(skeleton, grid, spelled("group_size"))
