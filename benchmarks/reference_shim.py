@@ -48,8 +48,12 @@ def _cpu_safe():
         torch.cuda.synchronize, torch.cuda.empty_cache, torch.Tensor.cuda = saved
 
 
-def run_reference(checkout: Path, model, method: str, pattern: str, ids: torch.Tensor, device: str) -> None:
-    """Prune `model` in place with the reference's prune_<method> at 50%, on calibration windows `ids`."""
+def run_reference(checkout: Path, model, method: str, pattern: str, ids: torch.Tensor, device: str,
+                  sparsity: float = 0.5) -> None:
+    """Prune `model` in place with locuslab/wanda's prune_<method> (magnitude, wanda, sparsegpt) at `sparsity`,
+    on calibration windows `ids`; "dense" leaves it as it is."""
+    if method == "dense":
+        return
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     tf32 = torch.backends.cuda.matmul.allow_tf32  # the reference turns TF32 off for the whole process
@@ -58,7 +62,7 @@ def run_reference(checkout: Path, model, method: str, pattern: str, ids: torch.T
     torch.backends.cuda.matmul.allow_tf32 = tf32
     reference.get_loaders = lambda *a, **k: ([(row[None], None) for row in ids], None)
     n, m = (0, 0) if pattern == "unstructured" else map(int, pattern.split(":"))
-    args = SimpleNamespace(nsamples=ids.shape[0], seed=0, sparsity_ratio=0.5, use_variant=False)
+    args = SimpleNamespace(nsamples=ids.shape[0], seed=0, sparsity_ratio=sparsity, use_variant=False)
     blocks = model.model.layers
     originals = list(blocks)
     for i, block in enumerate(originals):
@@ -73,3 +77,23 @@ def run_reference(checkout: Path, model, method: str, pattern: str, ids: torch.T
         for i, block in enumerate(originals):
             blocks[i] = block
         model.to("cpu")
+
+
+def reference_perplexity(checkout: Path, model, eval_ids: torch.Tensor, device: str) -> float:
+    """locuslab/wanda's own eval_ppl_wikitext on the windows `eval_ids` [n, seqlen] (joined, as its loader gives)."""
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from lib.eval import eval_ppl_wikitext
+
+    model.seqlen = eval_ids.shape[1]
+    model.to(device)
+    try:
+        with _cpu_safe(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            return float(eval_ppl_wikitext(model, SimpleNamespace(input_ids=eval_ids.reshape(1, -1)), 1,
+                                           torch.device(device)))
+    finally:
+        model.to("cpu")
+
+
+# Reference implementations by name: (checkout, model, method, pattern, ids, device, sparsity) -> None, in place.
+REFERENCES = {"wanda": run_reference}
