@@ -3,6 +3,10 @@
 Each method declares which input statistic it needs (or none) and its options (name, type, default,
 range, next to its maths); the engine accumulates that statistic from each linear layer's inputs and
 calls `prune(weight, statistic, sparsity, pattern, **options)`.
+
+A method of your own, in your own package, joins the registry through the entry-point group
+`oneshot.methods` (a `Method`, or a function returning one): it then appears in `--method`, run configs,
+sweeps, reports and records like the built-in ones. docs/methods.md#your-own-method has a complete example.
 """
 from __future__ import annotations
 
@@ -66,10 +70,41 @@ METHODS = {
 }
 
 
+ENTRY_POINTS = "oneshot.methods"
+PLUGIN_ERRORS: dict[str, str] = {}  # entry point name -> why it could not be loaded
+
+
+def register(method: Method, origin: str = "") -> Method:
+    """Add `method` to the registry (a plugin's, or one made in Python); a name taken is refused."""
+    if not isinstance(method, Method):
+        raise OptionError(f"{origin or 'register'}: {method!r} is not a oneshot.methods.Method")
+    if method.name in METHODS and METHODS[method.name] is not method:
+        raise OptionError(f"{origin or 'register'}: a method named {method.name!r} exists already; choose another name")
+    METHODS[method.name] = method
+    return method
+
+
+def _load_plugins() -> None:
+    """Methods other packages declare under the entry-point group `oneshot.methods`. One that fails to load
+    is left out and named when a run asks for it; it never breaks the others."""
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINTS):
+        try:
+            loaded = point.load()
+            method = loaded() if callable(loaded) and not isinstance(loaded, Method) else loaded
+            register(method, f"entry point {point.name} ({point.value})")
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is reported when it is asked for
+            PLUGIN_ERRORS[point.name] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
+        if name in PLUGIN_ERRORS:
+            raise PatternError(f"method {name!r} is a plugin ({ENTRY_POINTS} entry point) that failed to load: "
+                               f"{PLUGIN_ERRORS[name]}") from None
         raise PatternError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
@@ -79,8 +114,10 @@ def is_baseline(name: str) -> bool:
     return method is not None and not method.prunes
 
 
+_load_plugins()
+
 __all__ = [
-    "METHODS", "Method", "get_method", "is_baseline", "Pattern", "PatternError", "PruneResult", "NumericsError",
+    "METHODS", "Method", "register", "ENTRY_POINTS", "PLUGIN_ERRORS", "get_method", "is_baseline", "Pattern", "PatternError", "PruneResult", "NumericsError",
     "Option", "OptionError", "check_options", "parse_pattern", "check_sparsity", "magnitude_prune", "wanda_prune",
     "sparsegpt_prune", "prepare_hessian", "InverseHessian", "SPARSEGPT_OPTIONS", "admm_prune", "prepare_admm",
     "ADMM_OPTIONS", "AdmmHessian", "Hessian", "ActSqNorm",

@@ -154,6 +154,10 @@ def resolve_method(name: str, pattern: Pattern, methods: dict, method_flag: str 
     """The method that `name` means with `pattern`: a Method from `methods` (unstructured and N:M
     patterns) or a Criterion (structured patterns). PatternError in one line when the pair cannot apply."""
     if name not in methods and name not in CRITERIA:
+        from ..methods import PLUGIN_ERRORS
+
+        if name in PLUGIN_ERRORS:  # a plugin's own failure says more than "unknown"
+            raise PatternError(f"method {name!r} is a plugin that failed to load: {PLUGIN_ERRORS[name]}")
         raise PatternError(f"unknown method {name!r}; choose one of {', '.join(methods)} (unstructured, N:M) or "
                            f"{', '.join(CRITERIA)} ({', '.join(STRUCTURED_PATTERNS)})")
     if not pattern.is_structured:
