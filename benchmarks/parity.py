@@ -17,13 +17,14 @@ import platform
 import sys
 import time
 from datetime import datetime, timezone
+from inspect import signature
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference_shim import REFERENCES, reference_perplexity  # noqa: E402
+from reference_shim import PERPLEXITIES, REFERENCES, reference_perplexity  # noqa: E402
 
 from oneshot import Calibration, Evaluation, RunSpec, run  # noqa: E402
 from oneshot.models import decoder_blocks, get_weight, load_model, prunable_layers  # noqa: E402
@@ -65,9 +66,12 @@ def one_pair(args, reference: str, checkout: Path, method: str, pattern: str, ca
     theirs = load_model(args.model, dtype=dtype)
     ids = torch.load(calib)
     started = time.perf_counter()
-    REFERENCES[reference](checkout, theirs.model, method, pattern, ids, "cpu", args.sparsity)
+    # A runner that takes `options` (ria) gets ours, as the flags they stand for; the others their defaults.
+    runner = REFERENCES[reference]
+    given = {"options": dict(args.option)} if args.option and "options" in signature(runner).parameters else {}
+    runner(checkout, theirs.model, method, pattern, ids, "cpu", args.sparsity, **given)
     theirs_s = time.perf_counter() - started
-    their_ppl = reference_perplexity(checkout, theirs.model, torch.load(evaluation), "cpu")
+    their_ppl = PERPLEXITIES.get(reference, reference_perplexity)(checkout, theirs.model, torch.load(evaluation), "cpu")
     their_zeros = zeros(theirs.model)
     our_ppl = ours.ppl[f"tokens:{evaluation}"]
     return {"reference": reference, "method": method, "pattern": pattern, "sparsity": args.sparsity,
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--option", type=lambda s: tuple(s.split("=", 1)), action="append",
-                        help="an option of ours, NAME=VALUE (the reference gets its own defaults)")
+                        help="an option of ours, NAME=VALUE (the reference gets its own defaults; ria: the same)")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=40)

@@ -92,6 +92,9 @@ def check_fields(spec: RunSpec) -> Fields:
             f"{method.name} reads no calibration data"
         raise UsageError(f"{spelled('sequential')} changes the order in which calibration data reaches each block's "
                          f"layers, and {why}: it would change nothing; leave it out")
+    if spec.sequential and getattr(method, "stages", None) is not None:  # both replace the block's stage sequence
+        raise UsageError(f"{spelled('sequential')} cannot be combined with {method.name}, which runs each block through "
+                         "stages of its own (it prunes and optimises the whole block at once); leave it out")
     allocation, method_options, allocation_options = allocations.check(spec, method, pattern)
     if pattern.is_structured:
         check_structured_spec(method, pattern, method_options, allocation.name, spec.checkpoint_dir, spelled)
@@ -152,6 +155,8 @@ def make_plan(spec: RunSpec) -> Plan:
         export.check_format(skeleton, spec.format, fields.grid, removes_blocks=fields.pattern.structure == "layers")
     zeroshot = check_evaluation(spec, model_kind)  # last: it may take seconds
     method = fields.method
+    if getattr(method, "configure", None):  # a method whose statistic depends on its options (DSnoT's base)
+        method = method.configure(method, fields.method_options)
     if fields.grid is not None:
         from .quantize import quantizing
 

@@ -3,8 +3,10 @@
     gather_statistics -> prune_layers -> propagate          (the papers' order, the default)
 
 A stage is a function of the visit; new steps (quantise after pruning, a sublayer-by-sublayer order)
-are new stages or new sequences, and the engine's loop does not change. Stages know blocks, layers
-and statistics, never a method's maths: the method is called through its declared interface.
+are new stages or new sequences, and the engine's loop does not change. A method may declare a whole
+sequence of its own (Method.stages, e.g. Wanda++'s), which the engine then runs instead of the default.
+Stages know blocks, layers and statistics, never a method's maths: the method is called through its
+declared interface.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class BlockVisit:
     last: bool  # the model's last block: its outputs feed nothing
     stats: dict = field(default_factory=dict)  # layer name -> accumulator (shared by layers reading one input)
     on_phase: Callable[[str], None] = lambda phase: None
+    scratch: dict = field(default_factory=dict)  # what a method's own stages hand each other (Method.stages)
 
 
 Stage = Callable[[BlockVisit], None]
@@ -135,7 +138,9 @@ def prune_layers(visit: BlockVisit, names: Sequence[str] | None = None) -> None:
             if stat is not None and id(stat) not in prepared:
                 value = stat.value()
                 prepared[id(stat)] = method.prepare(value, **options) if method.prepare else value
-            result = method.prune(get_weight(layer), prepared.get(id(stat)), target, visit.pattern, **options)
+            per_layer = getattr(method, "per_layer", None)  # options that depend on the layer (DSnoT's skip_layer)
+            layer_options = per_layer(name, options) if per_layer else options
+            result = method.prune(get_weight(layer), prepared.get(id(stat)), target, visit.pattern, **layer_options)
         set_weight(layer, result.weight)
         visit.report.record(f"{visit.index}.{name}", result.weight, result.info, target, result.quantized)
     for name in names:

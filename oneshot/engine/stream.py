@@ -60,15 +60,17 @@ def prune_model(
     progress: bool = True,
     checkpoint: Checkpoint | None = None,
     on_block_done: Callable[[int], None] | None = None,
-    stages: Sequence[Stage] = DEFAULT_STAGES,
+    stages: Sequence[Stage] | None = None,
 ) -> PruneReport:
     """Prune every decoder block's linear layers (and each expert's projections) in place; the model stays
     on the CPU. Routers are never pruned.
 
     `sparsity` is one fraction for every layer, or a target per layer keyed "block.layer" (see
     layer_names). N:M patterns prune N/M of every layer. With `checkpoint`, each finished block is
-    saved, and a run that finds a checkpoint of the same configuration continues after it.
+    saved, and a run that finds a checkpoint of the same configuration continues after it. `stages`: the
+    visit's stage sequence; None: the method's own (Method.stages), else the engine's DEFAULT_STAGES.
     """
+    stages = stages if stages is not None else getattr(method, "stages", None) or DEFAULT_STAGES
     device = torch.device(device)
     options = options or {}
     report = PruneReport()

@@ -14,13 +14,17 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .admm import ADMM_OPTIONS, AdmmHessian, admm_prune, prepare_admm
+from .alps import ALPS_OPTIONS, AlpsHessian, alps_prune, prepare_alps
+from .dsnot import DSNOT_OPTIONS, DSnoTStatistic, dsnot_configure, dsnot_per_layer, dsnot_prune, prepare_dsnot
 from .magnitude import magnitude_prune
 from .masks import PatternError, Pattern, PruneResult, check_sparsity, parse_pattern
 from .numerics import NumericsError
 from .options import Option, OptionError, check_options
+from .ria import RIA_OPTIONS, ria_prune
 from .sparsegpt import SPARSEGPT_OPTIONS, InverseHessian, prepare_hessian, sparsegpt_prune
 from .statistics import ActSqNorm, Hessian
 from .wanda import wanda_prune
+from .wandapp import WANDAPP_OPTIONS, WANDAPP_STAGES, wandapp_prune
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,14 @@ class Method:
     without_data: Optional[Callable] = None
     # False for the baseline: a method that leaves every weight as it is.
     prunes: bool = True
+    # The block visit's whole stage sequence (functions of engine.stages.BlockVisit) for a method that needs
+    # more than per-layer statistics (Wanda++: a block's gradients and outputs). None: the engine's default.
+    stages: Optional[tuple] = None
+    # The options for one layer, from its name inside the block (DSnoT's skip_layer): (name, options) -> options.
+    per_layer: Optional[Callable[[str, dict], dict]] = None
+    # This method as a run's options need it (DSnoT gathers the Hessian only for base sparsegpt): (method, options)
+    # -> Method, applied once per run (plan.py). None: as it is.
+    configure: Optional[Callable] = None
 
     def check_options(self, given: dict | None) -> dict:
         """The given options, typed; OptionError (one line naming the allowed ones) for anything else."""
@@ -66,6 +78,27 @@ METHODS = {
         "admm", Hessian, admm_prune,
         "ADMM layer reconstruction (Boza 2024; ALPS): ridge solves with the Hessian, mask phased in",
         prepare=prepare_admm, options=ADMM_OPTIONS,
+    ),
+    "dsnot": Method(
+        "dsnot", DSnoTStatistic, dsnot_prune,
+        "DSnoT: the base's mask (wanda | magnitude | sparsegpt) refined by swaps that cut each row's expected error",
+        prepare=prepare_dsnot, options=DSNOT_OPTIONS, per_layer=dsnot_per_layer,
+        configure=dsnot_configure,
+    ),
+    "alps": Method(
+        "alps", Hessian, alps_prune,
+        "ALPS (Meng et al. 2024): ADMM with an adaptive penalty until the support settles, then a CG refit",
+        prepare=prepare_alps, options=ALPS_OPTIONS,
+    ),
+    "ria": Method(
+        "ria", ActSqNorm, ria_prune,
+        "RIA: drop the smallest relative importance times ||X||_2^a; N:M with optional channel permutation",
+        options=RIA_OPTIONS,
+    ),
+    "wanda++": Method(
+        "wanda++", ActSqNorm, wandapp_prune,
+        "Wanda++: |W|*(||X||_2 + alpha*G) with block-level gradients G, then regional optimisation of each block",
+        options=WANDAPP_OPTIONS, stages=WANDAPP_STAGES,
     ),
 }
 
@@ -121,4 +154,7 @@ __all__ = [
     "Option", "OptionError", "check_options", "parse_pattern", "check_sparsity", "magnitude_prune", "wanda_prune",
     "sparsegpt_prune", "prepare_hessian", "InverseHessian", "SPARSEGPT_OPTIONS", "admm_prune", "prepare_admm",
     "ADMM_OPTIONS", "AdmmHessian", "Hessian", "ActSqNorm",
+    "WANDAPP_OPTIONS", "WANDAPP_STAGES", "wandapp_prune",
+    "ALPS_OPTIONS", "AlpsHessian", "alps_prune", "prepare_alps",
+    "RIA_OPTIONS", "ria_prune",
 ]
