@@ -20,7 +20,8 @@ RECOVER_MODES = ("full", "lora")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SPARSITY_SCHEDULES = ("linear", "cubic")
 LORA_UPDATES = ("masked", "dense")
-STRUCTURED_PATTERNS = ("layers", "heads", "channels", "width")  # what each removes: see oneshot.structured
+RUNTIMES = ("transformers", "llama.cpp")
+STRUCTURED_PATTERNS = ("layers", "heads", "channels", "width", "experts")  # what each removes: see oneshot.structured
 # Peak learning rates: LoRA's is Wanda's recipe (1e-4); full fine-tuning moves every kept weight, so less.
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-4}
 
@@ -57,6 +58,10 @@ class Evaluation:
         None, "start every perplexity window with the tokenizer's beginning-of-text token, then seqlen - 1 tokens "
         "of text", flag="--eval-bos", commands=ALL, owner="evaluate",
         shown_default="the family's convention: yes for Gemma, no for the papers' Llama and OPT protocol")
+    runtime: str = setting(
+        "transformers", "what computes perplexity: transformers (in this process) | llama.cpp (the GGUF file itself, "
+        "through llama-cpp-python: what a deployment runs)", flag="--runtime", commands=("eval",),
+        choices=RUNTIMES, owner="evaluate")
     batch_size: int | str | None = setting(
         None, "lm-eval batch size: a whole number or auto", flag="--eval-batch-size", commands=ALL, minimum=1,
         words=("auto",), owner="evaluate", keyed=False, shown_default="8 on CPU, 32 on CUDA", metavar="B|auto")
@@ -154,18 +159,20 @@ class RunSpec:
         "directory or a Hub id", flag="--model", commands=ALL, flags={"recover": "--pruned"}, owner="models", always=True,
         sweep="models", metavar="MODEL")
     method: str = setting(
-        "sparsegpt", "dense | magnitude | wanda | sparsegpt | admm; with a structured --pattern, a criterion: "
+        "sparsegpt", "dense | magnitude | wanda | sparsegpt | admm | alps | dsnot | ria | wanda++; with a "
+        "structured --pattern, a criterion: "
         "magnitude | wanda | flap | taylor | gradient (heads, channels, width) or magnitude | taylor | gradient | "
-        "block-influence | angular (layers)", flag="--method", always=True, sweep="methods", metavar="METHOD",
-        owner="pruning")
+        "block-influence | angular (layers) or frequency | reap | router-logit (experts)", flag="--method",
+        always=True, sweep="methods", metavar="METHOD", owner="pruning")
     sparsity: float | None = setting(
         None, "fraction of weights to prune, in [0, 1) (N:M patterns fix it to N/M); with a structured pattern, "
-        "the fraction of decoder-block parameters to remove", flag="--sparsity", minimum=0, below=1,
-        sweep="sparsities", shown_default="0.5", baseline=False, owner="pruning")
+        "the fraction of decoder-block parameters to remove (experts: of the routed experts in every MoE block)",
+        flag="--sparsity", minimum=0, below=1, sweep="sparsities", shown_default="0.5", baseline=False,
+        owner="pruning")
     pattern: str = setting(
         "unstructured", "unstructured, N:M (N of every M inputs pruned, e.g. 2:4), or whole units: layers, heads "
-        "(KV groups), channels (MLP), width (heads and channels)", flag="--pattern", sweep="patterns",
-        baseline=False, metavar="PATTERN", owner="pruning")
+        "(KV groups), channels (MLP), width (heads and channels), experts (routed experts of every MoE block)",
+        flag="--pattern", sweep="patterns", baseline=False, metavar="PATTERN", owner="pruning")
     allocation: str = setting(
         "uniform", "per-layer sparsity: uniform | owl (outlier-weighted; options owl_m, owl_lambda)",
         flag="--allocation", sweep="allocations", baseline=False, owner="allocation", metavar="ALLOCATION")

@@ -32,3 +32,16 @@ class PruneReport:
             self.layer_info[name] = info
         if quantized is not None:
             self.quantized[name] = quantized
+
+
+@dataclass
+class StructuredReport(PruneReport):
+    """A structured run's report (oneshot/structured): its `sparsity` is the removed fraction of decoder-block
+    parameters, and `structure` says what went."""
+
+    removed_fraction: float = 0.0
+    structure: dict = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        return self.removed_fraction

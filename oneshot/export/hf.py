@@ -106,6 +106,11 @@ def lineage_card(lineage: dict) -> str:
         lines.append(f"- structured: removed {100 * structure['removed_fraction']:.1f}% of the decoder-block "
                      f"parameters ({structure['params_before']:,} -> {structure['params_after']:,} parameters in all); config "
                      + ", ".join(f"{key} {old} -> {new}" for key, (old, new) in structure["config"].items()))
+        if structure.get("removed_experts"):  # pattern experts: which went, and the parameters a token reaches
+            lines.append("- routed experts removed per MoE block: " + "; ".join(
+                f"block {index}: {experts}" for index, experts in structure["removed_experts"].items())
+                + f"; active parameters per token {structure['active_params_before']:,} -> "
+                f"{structure['active_params_after']:,}")
     else:
         lines.append(f"- measured sparsity of the pruned layers: {lineage['sparsity_measured']:.4f}")
     quantization = lineage.get("quantization")

@@ -107,11 +107,14 @@ def _expert_forward(experts: nn.Module, layers: list[ExpertProjection], x: torch
 
 
 def _routed_forward(experts: nn.Module, per_expert: list[list[ExpertProjection]], hidden_states: torch.Tensor,
-                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+                    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, observe=None) -> torch.Tensor:
     """The experts' computation, one expert at a time through its projection layers.
 
     Every expert is called, even with no tokens, so that its statistic counts every calibration chunk
-    (N is the number of calibration sequences for every layer, as for dense layers).
+    (N is the number of calibration sequences for every layer, as for dense layers). `observe`, when
+    given, is called for every expert as observe(experts, expert, token, weight, output): the indices of
+    the tokens routed to it, the routing weight the block gives each of them, and the expert's output
+    for each, before that weight is applied.
     """
     out = torch.zeros_like(hidden_states)
     k = top_k_index.shape[-1]
@@ -119,18 +122,21 @@ def _routed_forward(experts: nn.Module, per_expert: list[list[ExpertProjection]]
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
     counts = torch.bincount(flat, minlength=len(per_expert))[: len(per_expert)].tolist()  # one host sync
     start = 0
-    for layers, count in zip(per_expert, counts):
+    for expert, (layers, count) in enumerate(zip(per_expert, counts)):
         chosen, start = order[start:start + count], start + count
         token, slot = chosen // k, chosen % k
         h = _expert_forward(experts, layers, hidden_states[token])
+        if observe is not None:
+            observe(experts, expert, token, top_k_weights[token, slot], h)
         out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
     return out
 
 
 @contextlib.contextmanager
-def routed_through_projections(layers: Iterable[nn.Module]) -> Iterator[None]:
+def routed_through_projections(layers: Iterable[nn.Module], observe=None) -> Iterator[None]:
     """While active, every fused experts module that one of `layers` belongs to runs expert by expert
-    through its ExpertProjection layers (the given ones, so hooks on them see each expert's tokens)."""
+    through its ExpertProjection layers (the given ones, so hooks on them see each expert's tokens);
+    `observe` sees each expert's tokens, routing weights and outputs (see _routed_forward)."""
     given: dict[int, dict[tuple[int, str], ExpertProjection]] = {}
     owners: dict[int, nn.Module] = {}
     for layer in layers:
@@ -144,7 +150,7 @@ def routed_through_projections(layers: Iterable[nn.Module]) -> Iterator[None]:
             per_expert = [[given[owner].get((e, fresh.role), fresh) for fresh in _projections(experts, e)]
                           for e in range(experts.num_experts)]
             previous = experts.__dict__.get("forward")
-            experts.forward = functools.partial(_routed_forward, experts, per_expert)
+            experts.forward = functools.partial(_routed_forward, experts, per_expert, observe=observe)
             patched.append((experts, previous))
         yield
     finally:

@@ -62,8 +62,9 @@ TINY_PRESETS: dict[str, tuple[str, dict]] = {
 }
 # Mixture-of-experts families (transformers 5 fused experts: each expert is pruned as its own layers).
 # Kept apart from TINY_PRESETS, which the dense-family tests (structure map included) walk.
-_TINY_MOE = dict(_TINY_ATTN, num_key_value_heads=2, num_experts_per_tok=2)
-_TINY_MLA = dict(_TINY_ATTN, num_key_value_heads=4, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
+# 4096 positions (OLMoE's; the others have more), so that the default --seqlen 2048 applies to them as it is.
+_TINY_MOE = dict(_TINY_ATTN, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=4096)
+_TINY_MLA = dict(_TINY_MOE, num_key_value_heads=4, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
                  moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                  kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
 TINY_MOE_PRESETS: dict[str, tuple[str, dict]] = {

@@ -114,7 +114,7 @@ class MlpMap:
     up: str | None  # input projection (fc1, c_fc, dense_h_to_4h); None when fused with gate
     gate: str | None  # gated MLPs only
     gate_up: str | None  # Phi-3's fused [gate | up] rows
-    down: str  # output projection (its input columns are the channels)
+    down: str | None  # output projection (its input columns are the channels); None for a mixture of experts
     intermediate_size: int
     up_bias: bool
     down_bias: bool
@@ -159,21 +159,24 @@ def structure_map(model: nn.Module) -> StructureMap:
         raise ModelError(f"{family}: {num_heads} heads do not split into {num_kv_heads} KV groups")
 
     modules = dict(blocks[0].named_modules())
-    for name in (spec.qkv or spec.q, spec.o, spec.gate_up or spec.up, spec.down):
+    # A mixture of experts has no MLP layers to name (mlp_fixed), multi-head latent attention no q/k/v.
+    for name in filter(None, (spec.qkv or spec.q, spec.o, spec.gate_up or spec.up, spec.down)):
         if name not in modules:
             raise ModelError(f"{family} block 0 has no {name}; the structure map is out of date")
     mlp_in = spec.gate_up or spec.up
     # GPT-2 leaves n_inner unset for 4 * hidden_size; the weights say it either way.
-    intermediate = getattr(config, spec.intermediate_key, None) or get_weight(modules[spec.down]).shape[1]
+    intermediate = 0 if spec.mlp_fixed else \
+        getattr(config, spec.intermediate_key, None) or get_weight(modules[spec.down]).shape[1]
+    q_in = spec.qkv or spec.q
     attention = AttentionMap(
         module=spec.attention, o=spec.o, q=spec.q, k=spec.k, v=spec.v, qkv=spec.qkv, qkv_layout=spec.qkv_layout,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        qkv_bias=modules[spec.qkv or spec.q].bias is not None, o_bias=modules[spec.o].bias is not None,
+        qkv_bias=q_in is not None and modules[q_in].bias is not None, o_bias=modules[spec.o].bias is not None,
         head_norms=spec.head_norms, bias_switch=None if modules[spec.o].bias is not None else spec.o_bias_switch)
+    down_bias = spec.down is not None and modules[spec.down].bias is not None
     mlp = MlpMap(module=spec.mlp, up=spec.up, gate=spec.gate, gate_up=spec.gate_up, down=spec.down,
-                 intermediate_size=intermediate, up_bias=modules[mlp_in].bias is not None,
-                 down_bias=modules[spec.down].bias is not None,
-                 bias_switch=None if modules[spec.down].bias is not None else spec.down_bias_switch)
+                 intermediate_size=intermediate, up_bias=mlp_in is not None and modules[mlp_in].bias is not None,
+                 down_bias=down_bias, bias_switch=None if down_bias or spec.mlp_fixed else spec.down_bias_switch)
 
     heads = _heads_coupling(spec, config, attention)
     channels = _channels_coupling(spec, mlp)
@@ -193,6 +196,8 @@ def _heads_coupling(spec: _Family, config, attention: AttentionMap) -> Coupling:
     # together; without GQA a group is one head. Removing whole groups keeps heads / kv_heads fixed.
     heads, groups, d = attention.num_heads, attention.num_kv_heads, attention.head_dim
     per_group = heads // groups
+    if spec.q is None and spec.qkv is None:  # no per-head rows to name (multi-head latent attention)
+        return Coupling("heads", groups, (), (), (), (groups,), False, f"{config.model_type}: {spec.heads_fixed}")
     q_rows = torch.arange(heads * d).view(groups, per_group * d)
     kv_rows = torch.arange(groups * d).view(groups, d)
     if spec.qkv_layout == "separate":
@@ -232,6 +237,8 @@ def _heads_coupling(spec: _Family, config, attention: AttentionMap) -> Coupling:
 
 
 def _channels_coupling(spec: _Family, mlp: MlpMap) -> Coupling:
+    if spec.mlp_fixed:  # a mixture of experts: no MLP channels shared by every token
+        return Coupling("channels", 0, (), (), (), (), False, spec.mlp_fixed)
     size = mlp.intermediate_size
     channel = torch.arange(size)[:, None]
     if spec.gate_up:  # Phi-3: rows [gate | up]
@@ -334,6 +341,8 @@ def rewrite_config(config, *, num_hidden_layers: int | None = None, kept_blocks:
             values = getattr(config, key, None)
             if isinstance(values, (list, tuple)) and len(values) == layers:
                 setattr(new, key, [values[i] for i in kept])
+        if spec.dense_blocks:
+            _keep_dense_blocks(spec.dense_blocks, config, new, kept)
 
     if num_heads is not None or num_kv_heads is not None:
         if spec.heads_fixed:
@@ -366,6 +375,19 @@ def rewrite_config(config, *, num_hidden_layers: int | None = None, kept_blocks:
     return new
 
 
+def _keep_dense_blocks(rule: str, config, new, kept: list[int]) -> None:
+    """Mixtures of experts with some dense blocks: the kept blocks keep their kind (dense MLP or experts).
+    first_k_dense_replace (DeepSeek): the first k blocks are dense, so the kept ones among them stay first.
+    mlp_only_layers (Qwen2/3-MoE): dense blocks are listed, or every decoder_sparse_step-th block has experts."""
+    if rule == "first_k_dense_replace":
+        new.first_k_dense_replace = sum(1 for index in kept if index < config.first_k_dense_replace)
+        return
+    step, listed = config.decoder_sparse_step, set(config.mlp_only_layers or ())
+    dense = [index in listed or (index + 1) % step != 0 for index in kept]
+    new.decoder_sparse_step = 1  # the kept blocks' kinds are listed explicitly from now on
+    new.mlp_only_layers = [position for position, is_dense in enumerate(dense) if is_dense]
+
+
 def _family_of(config) -> str:
     family = getattr(config, "model_type", None)
     if family not in _FAMILIES:
@@ -384,7 +406,7 @@ class _Family:
     attention: str
     o: str
     mlp: str
-    down: str
+    down: str | None  # None with mlp_fixed
     norms: tuple[str, ...]
     q: str | None = None
     k: str | None = None
@@ -406,6 +428,8 @@ class _Family:
     # Config switches that give the output projections a bias: (key, prefix of the layers it governs).
     o_bias_switch: tuple[str, str] | None = None
     down_bias_switch: tuple[str, str] | None = None
+    mlp_fixed: str = ""  # why MLP channels cannot be removed at all (a mixture of experts)
+    dense_blocks: str = ""  # mixtures of experts: the config key that says which blocks are dense
 
 
 _PER_LAYER_KEYS = ("layer_types",)  # config lists with one entry per block (Qwen2/3, Gemma 2/3)
@@ -421,6 +445,23 @@ def _llama_like(norms=("input_layernorm", "post_attention_layernorm"), head_norm
                    o="self_attn.o_proj", mlp="mlp", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
                    norms=norms, head_norms=head_norms, channel_counters=("intermediate_size",),
                    o_bias_switch=o_bias_switch, down_bias_switch=down_bias_switch)
+
+
+_MOE_MLP = ("its MLP is a mixture of experts: each expert has its own channels and no channel is shared by every "
+            "token; pattern experts removes whole routed experts instead")
+_MLA = ("multi-head latent attention (MLA): keys and values come from one low-rank latent shared by every head "
+        "(kv_a_proj_with_mqa, kv_b_proj), with a rotary part shared across heads, so heads are not separable rows "
+        "of q, k and v")
+
+
+def _moe_family(head_norms=(), o_bias_switch=None, heads_fixed="", mla=False, dense_blocks="") -> _Family:
+    # Mixtral, Qwen2/3-MoE, OLMoE: separate q/k/v/o; DeepSeek-V2/V3: MLA, whose o_proj alone is named here.
+    attention = dict(o="self_attn.o_proj") if mla else \
+        dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj")
+    return _Family(attention="self_attn", **attention, mlp="mlp", down=None,
+                   norms=("input_layernorm", "post_attention_layernorm"), head_norms=head_norms,
+                   heads_fixed=_MLA if mla else heads_fixed, o_bias_switch=o_bias_switch, mlp_fixed=_MOE_MLP,
+                   dense_blocks=dense_blocks)
 
 
 _GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -456,4 +497,14 @@ _FAMILIES: dict[str, _Family] = {
                         o="attention.dense", mlp="mlp", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h",
                         norms=("input_layernorm", "post_attention_layernorm"), kv_heads_key=None,
                         heads_fixed=_DERIVED_HEAD_DIM, o_bias_switch=("attention_bias", "attention.")),
+    # Mixtures of experts: standard attention (heads), routed experts in place of an MLP (channels refused;
+    # whole experts are removed by pattern experts, expert_map.py), blocks removable with their experts.
+    "mixtral": _moe_family(),
+    "qwen2_moe": _moe_family(dense_blocks="mlp_only_layers"),  # o_proj hard-codes bias=False
+    "qwen3_moe": _moe_family(head_norms=_HEAD_NORMS, o_bias_switch=_ATTENTION_BIAS, dense_blocks="mlp_only_layers"),
+    # OLMoE's q_norm and k_norm span every head at once, sized from hidden_size.
+    "olmoe": _moe_family(heads_fixed="its q_norm and k_norm normalise all heads' queries and keys together and are "
+                                     "sized from hidden_size, so a model with fewer heads would not load"),
+    "deepseek_v2": _moe_family(mla=True, dense_blocks="first_k_dense_replace"),
+    "deepseek_v3": _moe_family(mla=True, dense_blocks="first_k_dense_replace"),
 }

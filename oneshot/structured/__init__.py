@@ -6,6 +6,7 @@ result is a smaller dense model with a rewritten config that plain transformers 
 - scores.py, refit.py, moments.py: the maths, as functions of tensors
 - passes.py: the backward pass and the hidden-state pass some criteria need
 - driver.py: `check_structured` and `prune_structured`, what the run API calls
+- experts.py: whole routed experts of mixtures of experts (`--pattern experts`), which driver.py hands over to
 """
 from .budget import Removal, Sizes, plan_removal
 from .criteria import CRITERIA, Criterion, applies, check_structured_spec, resolve_method

@@ -21,6 +21,7 @@ from . import scores as S
 
 UNITS = ("heads", "channels", "width")  # patterns that remove units inside every block
 ALL = ("layers",) + UNITS
+EXPERTS = ("experts",)  # removes whole routed experts from every mixture-of-experts block
 
 RECONSTRUCT = Option("reconstruct", bool, False,
                      "refit o_proj / down_proj by least squares on the calibration activations after removal")
@@ -28,8 +29,10 @@ BIAS_COMPENSATION = Option("bias_compensation", bool, True,
                            "add W[:, removed] @ mean(x[removed]) to the consuming projection's bias (FLAP)")
 
 # What a criterion reads: nothing, the consuming projections' inputs, gradients of the calibration
-# loss (a backward pass through the whole model), or the hidden states between blocks.
+# loss (a backward pass through the whole model), the hidden states between blocks, or the routing of
+# every MoE block (the router's logits, its top-k choices and weights, and each routed expert's outputs).
 WEIGHTS, ACTIVATIONS, GRADIENTS, HIDDEN = "weights", "activations", "gradients", "hidden states"
+ROUTING = "routing"
 
 
 # ---- scoring units inside a block: (consuming projection's weight [outputs, inputs], the moments of its
@@ -77,6 +80,20 @@ def _angular_blocks(hidden, count: int):
     return list(range(first, first + count)), scores
 
 
+# ---- routed experts: (experts.RoutingStats of one MoE block) -> one score per routed expert
+
+def _frequency_experts(stats) -> torch.Tensor:
+    return stats.counts.to(torch.float64)
+
+
+def _reap_experts(stats) -> torch.Tensor:
+    return S.reap(stats.weighted_norms, stats.counts)
+
+
+def _router_logit_experts(stats) -> torch.Tensor:
+    return stats.probabilities / max(stats.tokens, 1)
+
+
 @dataclass(frozen=True)
 class Criterion:
     name: str
@@ -96,6 +113,8 @@ class Criterion:
     # The input statistics come from the unpruned model (each block's inputs as the dense model computes
     # them), not from the upstream blocks as already pruned.
     dense_statistics: bool = False
+    # Routed experts: (experts.RoutingStats of one MoE block) -> one score per expert. None: not experts.
+    expert_score: Optional[Callable] = None
 
     @property
     def statistic(self):
@@ -142,6 +161,18 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     Criterion("angular", ("layers",), HIDDEN,
               "remove the n consecutive blocks whose input and output (last token) are the closest in angle",
               "Gromov et al., 2024", choose_blocks=_angular_blocks),
+    Criterion("frequency", EXPERTS, ROUTING,
+              "how many calibration tokens the router sends to the expert (among its top-k)",
+              "expert activation frequency, the REAP paper's frequency baseline (CerebrasResearch/reap "
+              "prune_method frequency: expert_frequency)", expert_score=_frequency_experts),
+    Criterion("reap", EXPERTS, ROUTING,
+              "mean over the tokens routed to the expert of its routing weight times the L2 norm of its output",
+              "REAP, router-weighted expert activation pruning (Lasby et al., ICLR 2026; CerebrasResearch/reap)",
+              expert_score=_reap_experts),
+    Criterion("router-logit", EXPERTS, ROUTING,
+              "mean over all calibration tokens of the router's softmax probability for the expert",
+              "a router-only baseline; the REAP code's nearest is weighted_frequency_sum, the routing "
+              "weights summed over routed tokens only", expert_score=_router_logit_experts),
 )}
 
 
@@ -173,7 +204,7 @@ def resolve_method(name: str, pattern: Pattern, methods: dict, method_flag: str 
         raise PatternError(f"{method_flag} {name} {does} for {pattern_flag} {structure}; choose one of "
                            f"{_choices(structure)}")
     if structure not in criterion.patterns:
-        what = "whole blocks" if criterion.patterns == ("layers",) else "heads and channels"
+        what = {("layers",): "whole blocks", EXPERTS: "routed experts"}.get(criterion.patterns, "heads and channels")
         raise PatternError(f"{method_flag} {name} scores {what}, not {structure}; for {pattern_flag} {structure} "
                            f"choose one of {_choices(structure)}")
     return criterion

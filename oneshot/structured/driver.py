@@ -17,34 +17,34 @@ Criterion (criteria.py) how it scores and what it puts back.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..engine import PruneReport, gather_statistics, propagate, prune_model
+from ..engine import gather_statistics, propagate, prune_model
+from ..engine.prune_report import StructuredReport
 from ..methods import Method
 from ..methods.masks import Pattern, PatternError
-from ..models import (COLS, ROWS, ModelError, decoder_blocks, get_weight, prunable_layers, remove_blocks,
-                      remove_units, rewrite_config, set_weight, structure_map, update_model_config)
+from ..models import (
+    COLS,
+    ROWS,
+    ModelError,
+    decoder_blocks,
+    get_weight,
+    prunable_layers,
+    remove_blocks,
+    remove_units,
+    rewrite_config,
+    set_weight,
+    structure_map,
+    update_model_config,
+)
 from . import scores as S
 from .budget import Removal, Sizes, plan_removal
 from .criteria import ACTIVATIONS, CRITERIA, GRADIENTS, HIDDEN, WEIGHTS, Criterion
 from .moments import channel_stats
 from .passes import first_order, hidden_states
 from .refit import compensation, least_squares
-
-
-@dataclass
-class StructuredReport(PruneReport):
-    """A prune report whose `sparsity` is the removed fraction of decoder-block parameters."""
-
-    removed_fraction: float = 0.0
-    structure: dict = field(default_factory=dict)
-
-    @property
-    def sparsity(self) -> float:
-        return self.removed_fraction
 
 
 def _consumer(coupling):
@@ -76,11 +76,19 @@ def check_structured(model: nn.Module, criterion: Criterion, pattern: Pattern, s
     """Everything that needs the model, before any work: the family can take the pattern, the target
     leaves something of every kind, flap's bias has somewhere to go. Returns (structure map, Removal);
     PatternError or ModelError in one line otherwise."""
+    if pattern.structure == "experts":  # whole routed experts: the expert map, not the structure map
+        from .experts import check_experts
+
+        return check_experts(model, criterion, sparsity, flag)
     smap = structure_map(model)
     structure = pattern.structure
     if structure in ("heads", "width") and not smap.heads.removable:
-        other = " (pattern channels can still shrink its MLP)" if structure == "width" else ""
+        other = " (pattern channels can still shrink its MLP)" if structure == "width" and smap.channels.removable \
+            else ""
         raise PatternError(f"pattern {structure} removes attention heads and cannot apply: {smap.heads.reason}{other}")
+    if structure in ("channels", "width") and not smap.channels.removable:
+        raise PatternError(f"pattern {structure} removes MLP channels and cannot apply: {smap.family}: "
+                           f"{smap.channels.reason}")
     if structure == "layers" and smap.trailing_blocks_only:
         raise PatternError(f"pattern layers: {smap.blocks_reason}, not the blocks a criterion chooses")
     removal = plan_removal(structure, sparsity, model_sizes(model, smap), flag)
@@ -101,6 +109,10 @@ def prune_structured(model: nn.Module, criterion: Criterion, pattern: Pattern, s
                      options: dict | None = None, progress: bool = True) -> StructuredReport:
     """Remove units (or blocks) of `model` in place; the model stays on the CPU with a rewritten config."""
     options = options or {}
+    if pattern.structure == "experts":
+        from .experts import prune_experts
+
+        return prune_experts(model, criterion, sparsity, ids, device, batch_size, progress)
     start = time.perf_counter()
     smap, removal = check_structured(model, criterion, pattern, sparsity, options)
     if ids is None and criterion.reads_calibration(options):
@@ -147,8 +159,9 @@ def _count(module: nn.Module) -> int:
 
 
 def _layer_numels(model: nn.Module) -> list[dict[str, int]]:
-    return [{name: sum(p.numel() for p in layer.parameters()) for name, layer in prunable_layers(block).items()}
-            for block in decoder_blocks(model)]
+    # An expert's projection owns no parameters of its own (a view of the fused tensor): count its weight.
+    return [{name: sum(p.numel() for p in layer.parameters()) or get_weight(layer).numel()
+             for name, layer in prunable_layers(block).items()} for block in decoder_blocks(model)]
 
 
 # ---- whole blocks ----------------------------------------------------------------------------------

@@ -20,13 +20,15 @@ from tqdm.auto import tqdm
 
 from ..engine.capture import capture_block_inputs, forward_block, store
 from ..engine.memory import activations_fit, default_batch_size
-from ..models import COLS, decoder_blocks, get_weight, prunable_layers
+from ..models import COLS, ExpertProjection, decoder_blocks, get_weight, layer_parameter, prunable_layers
 from ..models.adapter import _is_conv1d
 from . import scores as S
 
 
 def _grad(layer: nn.Module) -> torch.Tensor:
-    """The weight's gradient as [outputs, inputs], like get_weight."""
+    """The weight's gradient as [outputs, inputs], like get_weight (an expert's: its rows of the fused one)."""
+    if isinstance(layer, ExpertProjection):
+        return layer._matrix(layer.fused.grad)
     grad = layer.weight.grad
     return grad.t() if _is_conv1d(layer) else grad
 
@@ -62,7 +64,7 @@ def first_order(model: nn.Module, smap, kinds: list[str], ids: torch.Tensor, cri
         if criterion == "taylor":
             for block in blocks:
                 for layer in prunable_layers(block).values():
-                    layer.weight.requires_grad_(True)
+                    layer_parameter(layer).requires_grad_(True)
         else:
             # Activation gradients only: start the graph at the embeddings' output.
             handles.append(model.get_input_embeddings().register_forward_hook(

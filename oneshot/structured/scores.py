@@ -21,6 +21,11 @@ Whole blocks: magnitude (sum |W|) and taylor (sum |w * dL/dw|) over the block's 
 block influence (ShortGPT, Men et al., 2024): 1 - mean cosine similarity of a block's input and
 output over all tokens; angular distance (Gromov et al., 2024): arccos(cos)/pi between the last
 token's hidden state before block l and before block l + n, averaged over sequences.
+
+Routed experts (one score per expert of an MoE block): frequency, how many calibration tokens the
+router sends to the expert (among its top-k); REAP (CerebrasResearch/reap), the mean over the tokens
+routed to the expert of its gate weight times the L2 norm of its output; router-logit, the mean over
+all calibration tokens of the router's softmax probability for the expert.
 """
 from __future__ import annotations
 
@@ -109,6 +114,22 @@ def angular_window(states: list[torch.Tensor], count: int) -> int:
     distances = [float(angular_distance(states[start], states[start + count]).mean())
                  for start in range(len(states) - count)]
     return min(range(len(distances)), key=lambda start: (distances[start], start))
+
+
+def reap(weighted_norms: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """REAP saliency per routed expert (CerebrasResearch/reap, `update_pruning_state`): the mean over the
+    tokens routed to the expert of its gate weight times the L2 norm of its output. weighted_norms[e]:
+    that product summed over expert e's tokens; counts[e]: how many. An expert no token reached scores 0."""
+    counts = counts.to(weighted_norms.device)
+    return torch.where(counts > 0, weighted_norms / counts.clamp(min=1).to(weighted_norms.dtype),
+                       torch.zeros_like(weighted_norms))
+
+
+def lowest_in_groups(scores: torch.Tensor, count: int, groups: list[list[int]]) -> list[int]:
+    """The `count` lowest-scored experts, the same number from every routing group (ties go to the lower
+    index), ascending."""
+    per_group = count // len(groups)
+    return sorted(group[i] for group in groups for i in lowest(scores[group], per_group))
 
 
 def lowest(scores: torch.Tensor, count: int) -> list[int]:
