@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from oneshot import RunSpec, run
-from oneshot.engine import prune_model
+from oneshot.engine import check_memory, prune_model
 from oneshot.methods import get_method, parse_pattern
 from oneshot.models import build_random_model, decoder_blocks, prunable_layers
 from oneshot.spec import Calibration, Evaluation
@@ -47,9 +47,12 @@ def test_sparsegpt_triton_kernel_matches_torch_on_the_gpu():
     dict(method="wanda", pattern="width", sparsity=0.25),
     dict(method="taylor", pattern="channels", sparsity=0.25),
 ])
-def test_whole_runs_agree_between_cpu_and_gpu(extra):
-    spec = RunSpec(model="random:tiny-llama", calibration=Calibration(nsamples=4, seqlen=64),
-                   eval=Evaluation(samples=2), progress=False, dtype="float64", **extra)
+def test_whole_runs_agree_between_cpu_and_gpu(extra, tmp_path):
+    # Text of our own (file:), not the default wiki-offline: GPU images lack that optional package.
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{(i * 7919) % 613} of line {i}." for i in range(3000)))
+    spec = RunSpec(model="random:tiny-llama", calibration=Calibration(source=f"file:{text}", nsamples=4, seqlen=64),
+                   eval=Evaluation(ppl=(f"file:{text}",), samples=2), progress=False, dtype="float64", **extra)
     on_cpu, on_gpu = run(spec.replace(device="cpu")), run(spec.replace(device="cuda"))
     assert on_gpu.device != on_cpu.device  # the GPU's name, not "cpu"
     assert on_gpu.sparsity_measured == pytest.approx(on_cpu.sparsity_measured, abs=1e-9)
@@ -61,11 +64,20 @@ def test_the_gpu_holds_one_block_at_a_time():
     model = build_random_model("opt-125m", torch.float32, seed=0)  # 12 blocks of 7M weights beside 39M embeddings
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     block_bytes = sum(p.numel() * p.element_size() for p in decoder_blocks(model)[0].parameters())
+    outside = model_bytes - len(decoder_blocks(model)) * block_bytes  # embeddings, head: on the GPU during the capture
+    estimate = check_memory(model, 4, 128, "cuda")
+    bound = (estimate["activations_gib"] + estimate["block_gib"]) * 2 ** 30  # one block visit (engine/memory.py)
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
+    after_each = []
     prune_model(model, get_method("sparsegpt"), 0.5, parse_pattern("unstructured"), random_ids(4, 128),
-                device="cuda", progress=False)
+                device="cuda", progress=False,
+                on_block_done=lambda index: after_each.append(torch.cuda.memory_allocated()))
     assert all(p.device.type == "cpu" for p in model.parameters())  # every block went back
+    # nothing accumulates from block to block: a block left on the GPU would add block_bytes each time
+    assert max(after_each) - min(after_each) < block_bytes / 2, (after_each, block_bytes)
+    # The peak is one block visit under check_memory's bound (SparseGPT's fp32 Hessians and the transient copies of
+    # the widest one's factorisation, 3072 x 3072 here, outweigh the block itself), or the capture's embeddings.
     peak = torch.cuda.max_memory_allocated() - before
-    # the embeddings, one block, its Hessians and the activations: far below the whole model (12 blocks)
-    assert peak < model_bytes / 2 and peak < 6 * block_bytes + model_bytes / 4, (peak, block_bytes, model_bytes)
+    assert peak <= bound + outside, (peak, bound, outside, estimate)
+    assert bound < model_bytes  # and the bound itself stays below the whole model (12 blocks)

@@ -43,8 +43,28 @@ def check_pattern(model: nn.Module, pattern: Pattern) -> None:
 def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_size: int | None = None) -> dict:
     """Estimate the run's working memory and fail early, naming the flag to change, if it cannot fit.
 
-    The dominant terms: two copies of the block activations (inputs and outputs, nsamples x seqlen x
-    hidden), one block's weights and statistics, and one batch's forward scratch.
+    The one-block bound (bytes): what one block visit adds on the device on top of the activations, for
+    the heaviest default method (SparseGPT; Wanda and magnitude need less):
+
+        block = W + S + C
+        W = sum of the largest block's parameters x their element size e        (its weights)
+        S = 4 x (2 x (F4 + Fe) + 8 x f_max^2)                                   (fp32 statistics)
+            F4 = sum of f^2 over the 4 widest layer inputs f (a dense block reads at most 4 distinct
+                 inputs: attention in and out, MLP in and inner; q/k/v share one Hessian, gate/up one)
+            Fe = sum of f^2 over the distinct expert inputs (each expert's gate/up share one)
+            one f x f Hessian per distinct input, held until the block is pruned, and the inverse factor
+            prepared from each beside it (2x); while the widest is factorised, about 8 f_max^2 transient
+            copies (its value, the damped copy, identity, Cholesky factor, inverse, upper factor, ...)
+        C = b x s x (12 h + a x s) x max(e, 4)                                  (one chunk's scratch)
+            b = sequences per forward (min(batch size, nsamples)), s = seqlen, h = hidden size,
+            a = attention heads
+
+        activations = 2 x n x s x h x e   (the block's inputs and outputs for n sequences; on the device
+                                          when they take under a third of its free memory, else pinned host)
+
+    So a visit's peak is at most activations + block (tests/test_memory_bound.py measures it on the CPU
+    for two shapes; on a GPU benchmarks/gpu_check.py records it beside torch.cuda.max_memory_allocated).
+    Returns the terms in GiB: activations_gib, block_gib (= weights_gib + statistics_gib + scratch_gib).
     """
     device = torch.device(device)
     config = model.config.get_text_config()
@@ -55,17 +75,22 @@ def check_memory(model: nn.Module, nsamples: int, seqlen: int, device, batch_siz
     block = max(decoder_blocks(model), key=lambda b: sum(p.numel() for p in b.parameters()))
     block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
     layers = prunable_layers(block)
-    widest = max(get_weight(layer).shape[1] for layer in layers.values())
-    # A few fp32 [in, in] Hessians at most, plus one per expert input (its gate and up share one, as they
-    # read one tensor): experts never share inputs.
+    widths = sorted((get_weight(layer).shape[1] for layer in layers.values()
+                     if not isinstance(layer, ExpertProjection)), reverse=True)
+    # One fp32 [in, in] Hessian per distinct input (the 4 widest inputs bound a dense block's), plus one per
+    # expert input (its gate and up share one, as they read one tensor): experts never share inputs.
     expert_inputs = {(id(layer.experts), layer.index, layer.parameter): get_weight(layer).shape[1]
                      for layer in layers.values() if isinstance(layer, ExpertProjection)}
-    statistics = (4 * widest * widest + sum(width ** 2 for width in expert_inputs.values())) * 4
+    widest = max(widths[:1] + list(expert_inputs.values()))
+    hessians = sum(width ** 2 for width in widths[:4]) + sum(width ** 2 for width in expert_inputs.values())
+    statistics = (2 * hessians + 8 * widest * widest) * 4  # each with its inverse factor; the widest's factorisation
     heads = getattr(config, "num_attention_heads", 1)
-    scratch = batch_size * seqlen * (12 * hidden + heads * seqlen) * max(element, 4)
+    chunk = min(batch_size, nsamples)  # the engine forwards input_ids.split(batch_size)
+    scratch = chunk * seqlen * (12 * hidden + heads * seqlen) * max(element, 4)
     activations = 2 * nsamples * seqlen * hidden * element
     gib = 2 ** 30
-    estimate = {"activations_gib": activations / gib, "block_gib": (block_bytes + statistics + scratch) / gib}
+    estimate = {"activations_gib": activations / gib, "block_gib": (block_bytes + statistics + scratch) / gib,
+                "weights_gib": block_bytes / gib, "statistics_gib": statistics / gib, "scratch_gib": scratch / gib}
     on_host = activations if device.type == "cpu" else 0
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
