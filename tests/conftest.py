@@ -3,6 +3,7 @@ tests themselves; the embedded SmolLM2 model (real weights) is loaded once per s
 by several modules are in helpers.py."""
 import importlib.util
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,4 +52,5 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(
         f"machine: {len(os.sched_getaffinity(0))} CPUs usable of {os.cpu_count()}, cgroup quota {quota}, torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
-        f"load average {_START['load']:.1f} at the start and {os.getloadavg()[0]:.1f} at the end")
+        f"load average {_START['load']:.1f} at the start and {os.getloadavg()[0]:.1f} at the end, "
+        f"{shutil.disk_usage(os.getcwd()).free / 2**30:.1f} GiB free on disk")

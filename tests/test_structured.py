@@ -507,3 +507,25 @@ def test_a_sweep_grid_of_criteria_and_patterns_keeps_the_pairs_that_apply(tmp_pa
     assert uses_calibration(runs["magnitude", "heads", 0.1, True])  # the refit reads activations
     assert uses_calibration(runs["block-influence", "layers", 0.1, None])
     assert label(runs["wanda", "heads", 0.2, True]) == "random:tiny-llama wanda reconstruct=True heads 0.2"
+
+
+@pytest.mark.parametrize("pattern", ["channels", "width"])
+def test_channel_multiple_keeps_a_whole_number_of_quantised_blocks(pattern):
+    """channel_multiple: the kept MLP width is a multiple of it (llama.cpp's Q4_0 needs rows of 32s), the
+    removed fraction the nearest such count to the target; 1 (the default) leaves the nearest count as it was."""
+    from oneshot.structured.budget import plan_removal
+
+    from oneshot.models import build_random_model, structure_map
+    from oneshot.structured.driver import model_sizes
+
+    model = build_random_model("tiny-llama", torch.float32)
+    sizes = model_sizes(model, structure_map(model))
+    plain = plan_removal(pattern, 0.3, sizes)
+    rounded = plan_removal(pattern, 0.3, sizes, channel_multiple=32)
+    assert (sizes.num_channels - rounded.channels) % 32 == 0
+    assert (sizes.num_channels - plain.channels) % 32 != 0  # the preset's nearest count is not one already
+    record = run(RunSpec(model="random:tiny-llama", method="magnitude", pattern=pattern, sparsity=0.3,
+                         options={"channel_multiple": 32}, calibration=Calibration(nsamples=2, seqlen=32),
+                         eval=Evaluation(samples=1), progress=False))
+    assert record.options["channel_multiple"] == 32
+    assert record.structure["removed_fraction"] == pytest.approx(rounded.fraction)

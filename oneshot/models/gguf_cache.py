@@ -59,5 +59,8 @@ def store(gguf: Path, model, tokenizer) -> None:
             raise
         finally:
             hf_logging.enable_progress_bar()
-    except OSError:
-        pass
+    except OSError as exc:  # a full disk or a read-only home: say so once, since every load stays slow
+        import sys
+
+        print(f"oneshot: could not cache the dequantised model under {directory.parent} ({exc}); every load of "
+              f"{gguf.name} will dequantise it again (set ONESHOT_CACHE to a writable directory)", file=sys.stderr)

@@ -62,9 +62,11 @@ def _nearest(target: float, unit: float, counts) -> int:
     return min(counts, key=lambda c: (abs(c * unit - target), -c))
 
 
-def plan_removal(pattern: str, sparsity: float, sizes: Sizes, flag: str = "--sparsity") -> Removal:
-    """The removal nearest `sparsity` for `pattern`; PatternError (one line, naming `flag`) when the
-    nearest one would remove every block, head or channel."""
+def plan_removal(pattern: str, sparsity: float, sizes: Sizes, flag: str = "--sparsity",
+                 channel_multiple: int = 1) -> Removal:
+    """The removal nearest `sparsity` for `pattern`, keeping a multiple of `channel_multiple` MLP channels
+    (a quantised runtime's block width); PatternError (one line, naming `flag`) when the nearest one would
+    remove every block, head or channel."""
     if pattern == "layers":
         count = _nearest(sparsity * sizes.num_blocks, 1.0, range(sizes.num_blocks + 1))
         if count == sizes.num_blocks:
@@ -86,7 +88,10 @@ def plan_removal(pattern: str, sparsity: float, sizes: Sizes, flag: str = "--spa
         heads = _nearest(wanted, sizes.head, [0] + removable)
     if pattern in ("channels", "width"):
         wanted = target - heads * sizes.head
-        channels = _nearest(wanted, sizes.channel, range(sizes.num_channels + 1))
+        keepable = [c for c in range(sizes.num_channels + 1) if (sizes.num_channels - c) % channel_multiple == 0]
+        if not keepable:  # pragma: no cover - removing all channels is always a multiple
+            keepable = [sizes.num_channels]
+        channels = _nearest(wanted, sizes.channel, keepable)
         if channels == sizes.num_channels:
             share = sizes.num_channels * sizes.channel / sizes.block
             limit = (sizes.num_channels - 0.5) * sizes.channel / sizes.block

@@ -25,6 +25,9 @@ EXPERTS = ("experts",)  # removes whole routed experts from every mixture-of-exp
 
 RECONSTRUCT = Option("reconstruct", bool, False,
                      "refit o_proj / down_proj by least squares on the calibration activations after removal")
+CHANNEL_MULTIPLE = Option("channel_multiple", int, 1,
+                          "keep a multiple of this many MLP channels per block: 32 for llama.cpp's Q4_0/Q8_0 blocks "
+                          "(--quantize with group_size 32), 256 for its K-quants", minimum=1)
 BIAS_COMPENSATION = Option("bias_compensation", bool, True,
                            "add W[:, removed] @ mean(x[removed]) to the consuming projection's bias (FLAP)")
 
@@ -133,28 +136,28 @@ class Criterion:
 
     def options_for(self, structure: str) -> tuple[Option, ...]:
         """The options that mean something with `structure` (a refit needs units inside blocks)."""
-        return tuple(o for o in self.options if structure in UNITS or o.name != "reconstruct")
+        return tuple(o for o in self.options if structure in UNITS or o.name not in ("reconstruct", "channel_multiple"))
 
 
 CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     Criterion("magnitude", ALL, WEIGHTS,
               "units: L2 norms of the consuming projection's input columns; blocks: sum |W|",
-              "Magnitude-sp (An et al., 2024); block magnitude (Kim et al., 2024)", (RECONSTRUCT,),
+              "Magnitude-sp (An et al., 2024); block magnitude (Kim et al., 2024)", (RECONSTRUCT, CHANNEL_MULTIPLE),
               unit_score=_magnitude_units, choose_blocks=_magnitude_blocks),
     Criterion("wanda", UNITS, ACTIVATIONS,
               "mean over rows of |W_ij| * ||X_j||_2 at the consuming projection, summed per unit",
-              "Wanda-sp (An et al., 2024)", (RECONSTRUCT,), unit_score=_wanda_units),
+              "Wanda-sp (An et al., 2024)", (RECONSTRUCT, CHANNEL_MULTIPLE), unit_score=_wanda_units),
     Criterion("flap", UNITS, ACTIVATIONS,
               "fluctuation Var(X_j) * ||W_:,j||^2 at the consuming projection, with bias compensation",
-              "FLAP (An et al., 2024)", (RECONSTRUCT, BIAS_COMPENSATION), unit_score=_flap_units,
+              "FLAP (An et al., 2024)", (RECONSTRUCT, BIAS_COMPENSATION, CHANNEL_MULTIPLE), unit_score=_flap_units,
               compensates_bias=True, dense_statistics=True),  # the authors' code reads the dense model
     Criterion("taylor", ALL, GRADIENTS,
               "sum of |w * dL/dw| over the unit's (or block's) weights",
               "LLM-Pruner element-wise first order (Ma et al., 2023); Taylor blocks (Kim et al., 2024)",
-              (RECONSTRUCT,), choose_blocks=_first_order_blocks),
+              (RECONSTRUCT, CHANNEL_MULTIPLE), choose_blocks=_first_order_blocks),
     Criterion("gradient", ALL, GRADIENTS,
               "mean over sequences of |dL/dm| for a gate m on the unit's output (or the block's residual branch)",
-              "head importance (Michel et al., 2019)", (RECONSTRUCT,), choose_blocks=_first_order_blocks),
+              "head importance (Michel et al., 2019)", (RECONSTRUCT, CHANNEL_MULTIPLE), choose_blocks=_first_order_blocks),
     Criterion("block-influence", ("layers",), HIDDEN,
               "1 - mean cosine similarity between a block's input and output",
               "ShortGPT (Men et al., 2024)", choose_blocks=_influence_blocks),

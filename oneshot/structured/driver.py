@@ -91,7 +91,8 @@ def check_structured(model: nn.Module, criterion: Criterion, pattern: Pattern, s
                            f"{smap.channels.reason}")
     if structure == "layers" and smap.trailing_blocks_only:
         raise PatternError(f"pattern layers: {smap.blocks_reason}, not the blocks a criterion chooses")
-    removal = plan_removal(structure, sparsity, model_sizes(model, smap), flag)
+    removal = plan_removal(structure, sparsity, model_sizes(model, smap), flag,
+                           channel_multiple=options.get("channel_multiple", 1))
     if criterion.bias_compensation(options):
         for kind, count in (("heads", removal.heads), ("channels", removal.channels)):
             part = smap.attention if kind == "heads" else smap.mlp
