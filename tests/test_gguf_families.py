@@ -57,3 +57,16 @@ def test_removing_gemma3_blocks_breaks_llama_cpps_pattern_and_is_refused(tmp_pat
     with pytest.raises(UsageError, match="blocks removed from its sliding/global pattern"):
         run(RUN.replace(model="random:tiny-gemma3-1kv", method="magnitude", pattern="layers", sparsity=0.2,
                         save_model=str(tmp_path / "m")))
+
+
+def test_a_model_that_lost_heads_says_its_head_length(tmp_path):
+    """llama.cpp takes a head's length as hidden / heads unless the file says otherwise, and then refuses the
+    file (n_rot 64, expected 96 on SmolLM2 width 25%): with heads removed, key/value_length are written."""
+    record = run(RUN.replace(model="random:tiny-llama", method="magnitude", pattern="heads", sparsity=0.2,
+                             save_model=str(tmp_path / "m")))
+    assert record.structure["removal"]["heads_per_block"]
+    fields = gguf.GGUFReader(str(tmp_path / "m" / "model.gguf")).fields
+    heads = fields["llama.attention.head_count"].contents()
+    hidden = fields["llama.embedding_length"].contents()
+    assert fields["llama.attention.key_length"].contents() == fields["llama.rope.dimension_count"].contents()
+    assert fields["llama.attention.key_length"].contents() * heads != hidden

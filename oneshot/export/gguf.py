@@ -138,10 +138,11 @@ def save_gguf(model, tokenizer, quantized: dict, lineage: dict, tmp: Path, sourc
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    if arch.head_length:
+    # llama.cpp takes a head's length as hidden / heads unless told: a model that lost heads must say it
+    if arch.head_length or head_dim * heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    else:
+    if not arch.head_length:
         writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
