@@ -295,3 +295,15 @@ def test_a_one_sparsity_comparison_is_plotted_as_grouped_bars(tmp_path):
     assert ax.get_yscale() == "log" and any(line.get_linestyle() == "--" for line in ax.get_lines())
     records.append(dict(base, method="wanda", pattern="unstructured", sparsity_target=0.6, ppl={"w": 60.0}))
     assert not _one_setting(build_cells(records), metric, build_cells(records).rows(metric))
+
+
+def test_a_hand_set_bos_protocol_gets_a_row_of_its_own():
+    """eval.bos set in a config (experiments/eval_bos.yaml) splits rows; left to the family, it does not."""
+    from oneshot.sweep.cells import method_label
+
+    def record(bos):
+        return {"method": "dense", "settings": {"eval": {"bos": bos}}}
+
+    assert method_label(record(True)) == "dense (BOS per window)"
+    assert method_label(record(False)) == "dense (no BOS)"
+    assert method_label(record(None)) == "dense"
