@@ -58,14 +58,13 @@ eigendecomposition and the CG refit on by default; the normalisation is the same
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .admm import _lowest, _Selector
 from .masks import Pattern, PruneResult, compute_dtype
-from .numerics import NumericsError
+from .numerics import check_finite, escalating_damping
 from .options import Option, check_options, defaults
 
 ALPS_OPTIONS: tuple[Option, ...] = (
@@ -114,14 +113,13 @@ class AlpsHessian:
 def prepare_alps(hessian: torch.Tensor, percdamp: float = 0.01, **_options) -> AlpsHessian:
     """Damp, normalise and eigendecompose H (the authors' steps); raise the damping 10x, with a warning,
     while the result is not positive-definite (our guard)."""
-    if not torch.isfinite(hessian).all():
-        raise NumericsError("the Hessian has NaN or inf entries (the layer's inputs are not finite)")
+    check_finite(hessian)
     H = hessian.detach().to(compute_dtype(hessian.dtype))
     mean_diag = torch.mean(torch.diag(H)).item()
     if mean_diag == 0:  # every input is zero: any pruned weight is optimal; H = I keeps the kept ones as they are
         H, mean_diag = torch.eye(H.shape[0], dtype=H.dtype, device=H.device), 1.0
-    damp_frac = percdamp
-    while True:
+
+    def attempt(damp_frac):
         damped = H.clone()
         damped.diagonal().add_(damp_frac * mean_diag)
         scale = torch.diag(damped).sqrt() + NORM_EPS
@@ -129,18 +127,11 @@ def prepare_alps(hessian: torch.Tensor, percdamp: float = 0.01, **_options) -> A
         A = (A.T / scale).T
         try:
             L, Q = torch.linalg.eigh(A.double())
-            ok = bool(torch.isfinite(L).all()) and float(L.min()) > 0
         except RuntimeError:  # eigh did not converge
-            ok = False
-        if ok:
-            break
-        next_frac = damp_frac * 10 if damp_frac > 0 else 0.01
-        if next_frac > MAX_PERCDAMP:
-            raise NumericsError(f"the damped Hessian is not positive-definite even with damping {damp_frac:g}; "
-                                "it is degenerate")
-        damp_frac = next_frac
-    if damp_frac != percdamp:
-        warnings.warn(f"Hessian was not positive-definite; used damping {damp_frac:g} instead of {percdamp:g}")
+            return None
+        return (A, scale, L, Q) if bool(torch.isfinite(L).all()) and float(L.min()) > 0 else None
+
+    (A, scale, L, Q), damp_frac = escalating_damping(percdamp, MAX_PERCDAMP, attempt)
     return AlpsHessian(A, scale, L, Q, damp_frac)
 
 
