@@ -216,15 +216,6 @@ def _forward(visit):
     return lambda sample: forward_block(visit.block, sample[0], sample[1], visit.device)
 
 
-def _matrix(layer, tensor: torch.Tensor) -> torch.Tensor:
-    """The [outputs, inputs] view of `tensor`, shaped like the parameter the layer's weight lives in."""
-    from ..models import ExpertProjection
-
-    if isinstance(layer, ExpertProjection):
-        return layer._matrix(tensor)
-    return tensor.t() if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") else tensor
-
-
 def _parameters(visit) -> list:
     """The distinct parameters the block's prunable weights live in (a fused experts tensor once)."""
     from ..models import layer_parameter
@@ -289,9 +280,9 @@ def regional_gradient_pass(visit) -> None:
         samples = (_sample(visit, c, i, dtype) for c, i in _sequences(visit))
         gradients = regional_gradients(_forward(visit), samples, params)
     by_parameter = {id(p): g for p, g in zip(params, gradients)}
-    from ..models import layer_parameter
+    from ..models import layer_parameter, weight_matrix
 
-    visit.scratch[_GRADIENTS] = {name: _matrix(layer, by_parameter[id(layer_parameter(layer))])
+    visit.scratch[_GRADIENTS] = {name: weight_matrix(layer, by_parameter[id(layer_parameter(layer))])
                                  for name, layer in visit.layers.items()}
 
 
@@ -338,7 +329,7 @@ def prune_and_optimise(visit) -> None:
     """K rounds of RGS pruning then regional optimisation, then the final RGS pruning through the engine's
     prune_layers (which records each layer and applies a quantising method's step)."""
     from ..engine.stages import prune_layers
-    from ..models import layer_parameter
+    from ..models import layer_parameter, weight_matrix
 
     options = _options(visit)
     gradients = visit.scratch.pop(_GRADIENTS, {})
@@ -360,7 +351,7 @@ def prune_and_optimise(visit) -> None:
                 masks = _round_masks(visit, options["alpha"], values)
                 pruned = {id(p): torch.zeros_like(p, dtype=torch.bool) for p in params}
                 for name, layer in visit.layers.items():
-                    _matrix(layer, pruned[id(layer_parameter(layer))]).copy_(masks[name])
+                    weight_matrix(layer, pruned[id(layer_parameter(layer))]).copy_(masks[name])
                 pairs = ((_sample(visit, c, i, dtype), dense[c][i:i + 1]) for c, i in (sequences[n] for n in order))
                 losses = regional_optimise(_forward(visit), pairs, params, [pruned[id(p)] for p in params],
                                            optimiser, options["ro_update"])

@@ -4,7 +4,7 @@
 structure map (its types in `structure_types.py`, built per family in `structure.py`) and removal along it
 (`removal.py`), and the expert map of mixtures of experts with removal of whole experts (`expert_map.py`)."""
 from .adapter import (ModelError, block_weight_roles, bos_every_window, decoder_blocks, get_weight, layer_parameter,
-                      prunable_layers, set_weight, weight_kind)
+                      prunable_layers, set_weight, weight_kind, weight_matrix)
 from .embedded import EMBEDDED
 from .experts import ExpertProjection, routed_through_projections, routers
 from .expert_map import ExpertMap, expert_map, parameter_counts, remove_experts, rewrite_expert_config
@@ -17,7 +17,7 @@ from .structure import rewrite_config, structure_map
 from .structure_types import COLS, ROWS, AttentionMap, Coupling, Member, MlpMap, StructureMap, UnitCountAttribute
 
 __all__ = ["ModelError", "block_weight_roles", "bos_every_window", "decoder_blocks", "get_weight", "layer_parameter",
-           "prunable_layers", "set_weight", "weight_kind", "EMBEDDED", "ExpertProjection", "routed_through_projections",
+           "prunable_layers", "set_weight", "weight_kind", "weight_matrix", "EMBEDDED", "ExpertProjection", "routed_through_projections",
            "routers", "block_weights", "materialised", "PRESETS", "TINY_MOE_PRESETS", "TINY_PRESETS", "ByteTokenizer",
            "LoadedModel", "build_random_model", "can_stay_on_disk", "check_model_spec", "gguf_file", "load_model",
            "model_skeleton", "weights_stay_on_disk", "remove_blocks", "remove_units", "update_model_config", "COLS",

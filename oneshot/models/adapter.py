@@ -70,11 +70,17 @@ def layer_parameter(layer: nn.Module) -> nn.Parameter:
     return layer.fused if isinstance(layer, ExpertProjection) else layer.weight
 
 
+def weight_matrix(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """The [outputs, inputs] view of `tensor`, shaped like the parameter the layer's weight lives in (the
+    parameter's data, its gradient, a mask over it): an expert's rows of a fused tensor, Conv1D's transpose."""
+    if isinstance(layer, ExpertProjection):
+        return layer._matrix(tensor)
+    return tensor.t() if _is_conv1d(layer) else tensor
+
+
 def get_weight(layer: nn.Module) -> torch.Tensor:
     """The weight as [outputs, inputs], whatever the layer stores."""
-    if isinstance(layer, ExpertProjection):
-        return layer.weight()
-    return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
+    return weight_matrix(layer, layer_parameter(layer).data)
 
 
 def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:

@@ -20,17 +20,13 @@ from tqdm.auto import tqdm
 
 from ..engine.capture import capture_block_inputs, forward_block, store
 from ..engine.memory import activations_fit, default_batch_size
-from ..models import COLS, ExpertProjection, decoder_blocks, get_weight, layer_parameter, prunable_layers
-from ..models.adapter import _is_conv1d
+from ..models import COLS, decoder_blocks, get_weight, layer_parameter, prunable_layers, weight_matrix
 from . import scores as S
 
 
 def _grad(layer: nn.Module) -> torch.Tensor:
     """The weight's gradient as [outputs, inputs], like get_weight (an expert's: its rows of the fused one)."""
-    if isinstance(layer, ExpertProjection):
-        return layer._matrix(layer.fused.grad)
-    grad = layer.weight.grad
-    return grad.t() if _is_conv1d(layer) else grad
+    return weight_matrix(layer, layer_parameter(layer).grad)
 
 
 def _consumer(coupling):
