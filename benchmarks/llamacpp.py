@@ -133,7 +133,7 @@ def main() -> None:
         if "ppl_llamacpp" not in made[name]:
             made[name]["ppl_llamacpp"] = perplexity(str(out / name.replace(":", "_") / "gguf" / "model.gguf"), windows)
             (out / name.replace(":", "_") / "made.json").write_text(json.dumps(made[name], indent=1))
-    text = torch.cat([w for w in windows]).tolist()
+    text = windows.flatten().tolist()
     prompt, decode = text[: args.prefill], text[args.prefill: args.prefill + args.decode]
     llms = {name: Llama(model_path=str(out / name.replace(":", "_") / "gguf" / "model.gguf"),
                         n_ctx=args.prefill + args.decode, n_batch=args.prefill, n_ubatch=args.prefill,

@@ -45,3 +45,9 @@ class StructuredReport(PruneReport):
     @property
     def sparsity(self) -> float:
         return self.removed_fraction
+
+    @staticmethod
+    def config_changes(before: dict, after: dict) -> dict:
+        """The config keys a removal changed, as {key: [before, after]} (structure["config"])."""
+        return {key: [before.get(key), value] for key, value in after.items()
+                if before.get(key) != value and not key.startswith("_")}

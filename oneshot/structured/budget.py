@@ -56,7 +56,7 @@ class Removal:
         return (", ".join(parts) or "nothing") + f" ({100 * self.fraction:.1f}% of the block parameters)"
 
 
-def _nearest(target: float, unit: float, counts) -> int:
+def nearest_count(target: float, unit: float, counts) -> int:
     """The count c in `counts` whose c * unit is nearest `target`; a tie rounds half up, as rounding
     7.5 blocks to 8 does."""
     return min(counts, key=lambda c: (abs(c * unit - target), -c))
@@ -68,7 +68,7 @@ def plan_removal(pattern: str, sparsity: float, sizes: Sizes, flag: str = "--spa
     (a quantised runtime's block width); PatternError (one line, naming `flag`) when the nearest one would
     remove every block, head or channel."""
     if pattern == "layers":
-        count = _nearest(sparsity * sizes.num_blocks, 1.0, range(sizes.num_blocks + 1))
+        count = nearest_count(sparsity * sizes.num_blocks, 1.0, range(sizes.num_blocks + 1))
         if count == sizes.num_blocks:
             raise PatternError(f"{flag} {sparsity:g} with pattern layers would remove all {sizes.num_blocks} blocks; "
                                f"choose a fraction below {(sizes.num_blocks - 0.5) / sizes.num_blocks:.3f}")
@@ -80,18 +80,18 @@ def plan_removal(pattern: str, sparsity: float, sizes: Sizes, flag: str = "--spa
         share = sizes.num_heads * sizes.head / sizes.block
         # width takes from attention and MLP in proportion to their sizes; heads takes it all from attention
         wanted = target if pattern == "heads" else target * share
-        if pattern == "heads" and _nearest(wanted, sizes.head, range(sizes.num_heads + 1)) == sizes.num_heads:
+        if pattern == "heads" and nearest_count(wanted, sizes.head, range(sizes.num_heads + 1)) == sizes.num_heads:
             limit = (sizes.num_heads - 0.5) * sizes.head / sizes.block
             raise PatternError(f"{flag} {sparsity:g} with pattern heads would remove every head (attention holds "
                                f"{100 * share:.1f}% of each block's parameters); choose a fraction below {limit:.3f}")
         removable = [sizes.num_heads - kept for kept in sizes.head_counts if kept < sizes.num_heads]
-        heads = _nearest(wanted, sizes.head, [0] + removable)
+        heads = nearest_count(wanted, sizes.head, [0] + removable)
     if pattern in ("channels", "width"):
         wanted = target - heads * sizes.head
         keepable = [c for c in range(sizes.num_channels + 1) if (sizes.num_channels - c) % channel_multiple == 0]
         if not keepable:  # pragma: no cover - removing all channels is always a multiple
             keepable = [sizes.num_channels]
-        channels = _nearest(wanted, sizes.channel, keepable)
+        channels = nearest_count(wanted, sizes.channel, keepable)
         if channels == sizes.num_channels:
             share = sizes.num_channels * sizes.channel / sizes.block
             limit = (sizes.num_channels - 0.5) * sizes.channel / sizes.block

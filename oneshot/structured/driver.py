@@ -140,7 +140,6 @@ def prune_structured(model: nn.Module, criterion: Criterion, pattern: Pattern, s
     report.layer_target = dict.fromkeys(report.layer_sparsity, float(sparsity))
     after_params, after_blocks = _count(model), _count(decoder_blocks(model))
     report.removed_fraction = 1 - after_blocks / before_blocks
-    config_after = model.config.to_dict()
     structure.update(
         removal={"blocks": removal.blocks, "kv_groups_per_block": removal.heads,
                  "heads_per_block": removal.heads * (smap.attention.num_heads // smap.attention.num_kv_heads),
@@ -148,8 +147,7 @@ def prune_structured(model: nn.Module, criterion: Criterion, pattern: Pattern, s
         params_before=before_params, params_after=after_params, block_params_before=before_blocks,
         block_params_after=after_blocks, removed_fraction=report.removed_fraction,
         removed_fraction_of_model=1 - after_params / before_params,
-        config={key: [config_before.get(key), value] for key, value in config_after.items()
-                if config_before.get(key) != value and not key.startswith("_")})
+        config=StructuredReport.config_changes(config_before, model.config.to_dict()))
     report.structure = structure
     report.timings["prune_s"] = time.perf_counter() - start
     return report

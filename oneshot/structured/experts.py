@@ -43,6 +43,7 @@ from ..models import (
     update_model_config,
 )
 from . import scores as S
+from .budget import nearest_count
 from .criteria import Criterion
 
 
@@ -88,7 +89,7 @@ def check_experts(model: nn.Module, criterion: Criterion, sparsity: float, flag:
     if criterion.expert_score is None:  # pragma: no cover - criteria.py pairs criteria with patterns
         raise PatternError(f"{criterion.name} cannot score routed experts")
     emap = expert_map(model)
-    count = min(emap.removal_counts(), key=lambda c: (abs(c - sparsity * emap.num_experts), -c))
+    count = nearest_count(sparsity * emap.num_experts, 1.0, emap.removal_counts())
     reason = emap.refusal(emap.num_experts - count)
     if reason:
         fine = [c for c in emap.removal_counts() if not emap.refusal(emap.num_experts - c)]
@@ -173,11 +174,11 @@ def prune_experts(model: nn.Module, criterion: Criterion, sparsity: float, ids: 
             report.layer_sparsity[f"{index}.{name}"] = 1.0 if gone and name.startswith(gone) else 0.0
     report.layer_target = dict.fromkeys(report.layer_sparsity, float(sparsity))
     report.removed_fraction = count / emap.num_experts
-    config_after = model.config.to_dict()
     report.structure = {
         "pattern": "experts", "criterion": criterion.name,
         "removal": {"experts_per_block": count,
-                    "routed_experts_per_block": [emap.num_experts, emap.num_experts - count], "top_k": emap.top_k, "groups": emap.groups, "experts_per_group": count // emap.groups,
+                    "routed_experts_per_block": [emap.num_experts, emap.num_experts - count], "top_k": emap.top_k,
+                    "groups": emap.groups, "experts_per_group": count // emap.groups,
                     "moe_blocks": list(emap.moe_blocks)},
         "removed_experts": {str(index): experts for index, experts in removed.items()},
         "expert_scores": {str(index): values for index, values in scores.items()},
@@ -192,8 +193,7 @@ def prune_experts(model: nn.Module, criterion: Criterion, sparsity: float, ids: 
         "removed_expert_fraction": report.removed_fraction,
         "removed_fraction": 1 - after["block_params"] / before["block_params"],
         "removed_fraction_of_model": 1 - after["params"] / before["params"],
-        "config": {key: [config_before.get(key), value] for key, value in config_after.items()
-                   if config_before.get(key) != value and not key.startswith("_")},
+        "config": ExpertsReport.config_changes(config_before, model.config.to_dict()),
     }
     report.timings["prune_s"] = time.perf_counter() - start
     return report
