@@ -48,6 +48,33 @@ def _cpu_safe():
         torch.cuda.synchronize, torch.cuda.empty_cache, torch.Tensor.cuda = saved
 
 
+@contextlib.contextmanager
+def _as_reference_sees_it(model, seqlen: int, device: str, device_map: bool = True):
+    """The model as the 2023 reference code expects it, for the duration of a call: every decoder block
+    behind _BlockShim, `model.seqlen` set (and an empty `hf_device_map`, which locuslab-style code reads), on
+    `device`, CUDA-only calls safe on a CPU, the reference's prints swallowed; the blocks and the CPU after."""
+    blocks = model.model.layers
+    originals = list(blocks)
+    for i, block in enumerate(originals):
+        blocks[i] = _BlockShim(block, model.model.rotary_emb)
+    model.seqlen = seqlen
+    if device_map:
+        model.hf_device_map = {}
+    model.to(device)
+    try:
+        with _cpu_safe(), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+        model.to("cpu")
+
+
+def _nm(pattern: str) -> tuple[int, int]:
+    """(N, M) of an N:M pattern as the references take them (prune_n, prune_m); (0, 0) for unstructured."""
+    return (0, 0) if pattern == "unstructured" else tuple(map(int, pattern.split(":")))
+
+
 def run_reference(checkout: Path, model, method: str, pattern: str, ids: torch.Tensor, device: str,
                   sparsity: float = 0.5) -> None:
     """Prune `model` in place with locuslab/wanda's prune_<method> (magnitude, wanda, sparsegpt) at `sparsity`,
@@ -61,22 +88,10 @@ def run_reference(checkout: Path, model, method: str, pattern: str, ids: torch.T
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
     reference.get_loaders = lambda *a, **k: ([(row[None], None) for row in ids], None)
-    n, m = (0, 0) if pattern == "unstructured" else map(int, pattern.split(":"))
+    n, m = _nm(pattern)
     args = SimpleNamespace(nsamples=ids.shape[0], seed=0, sparsity_ratio=sparsity, use_variant=False)
-    blocks = model.model.layers
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = _BlockShim(block, model.model.rotary_emb)
-    model.seqlen, model.hf_device_map = ids.shape[1], {}
-    model.to(device)
-    try:
-        with _cpu_safe(), contextlib.redirect_stdout(io.StringIO()):
-            prune = getattr(reference, f"prune_{method}")
-            prune(args, model, None, torch.device(device), prune_n=n, prune_m=m)
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-        model.to("cpu")
+    with _as_reference_sees_it(model, ids.shape[1], device):
+        getattr(reference, f"prune_{method}")(args, model, None, torch.device(device), prune_n=n, prune_m=m)
 
 
 def reference_perplexity(checkout: Path, model, eval_ids: torch.Tensor, device: str) -> float:
@@ -152,24 +167,13 @@ def run_ria_reference(checkout: Path, model, method: str, pattern: str, ids: tor
                          "by layer name")
     reference = _ria_module(checkout)
     reference.get_loaders = lambda *a, **k: ([(row[None], None) for row in ids], None)
-    n, m = (0, 0) if pattern == "unstructured" else map(int, pattern.split(":"))
+    n, m = _nm(pattern)
     # model="llama" selects its model.model.layers code path (every decoder-only model we load has it).
     args = SimpleNamespace(**{**_RIA_ARGS, **given}, model="llama", prune_method=method, nsamples=ids.shape[0], seed=0,
                            seqlen=ids.shape[1], calib_dataset="c4", sparsity_ratio=sparsity, sparsity_type=pattern,
                            reconstruction=False, gptq=False, semi_sparse_acc=False, fast=False)
-    blocks = model.model.layers
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = _BlockShim(block, model.model.rotary_emb)
-    model.seqlen, model.hf_device_map = ids.shape[1], {}
-    model.to(device)
-    try:
-        with _cpu_safe(), _permutation_device(device), contextlib.redirect_stdout(io.StringIO()):
-            reference.prune_ria(args, model, None, torch.device(device), prune_n=n, prune_m=m)
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-        model.to("cpu")
+    with _as_reference_sees_it(model, ids.shape[1], device), _permutation_device(device):
+        reference.prune_ria(args, model, None, torch.device(device), prune_n=n, prune_m=m)
 
 
 # DSnoT (zyxxmu/DSnoT): its lib/prune.py, prune_DSnoT. Our option names -> their argparse names.
@@ -243,22 +247,11 @@ def run_dsnot_reference(checkout: Path, model, method: str, pattern: str, ids: t
     find_in_block._shim_base = find_layers
     reference.WrappedGPT, reference.find_layers = WithHessian, find_in_block
     reference.get_loaders = lambda *a, **k: ([(row[None], None) for row in ids], None)
-    n, m = (0, 0) if pattern == "unstructured" else map(int, pattern.split(":"))
+    n, m = _nm(pattern)
     args = SimpleNamespace(**flags, prune_method="DSnoT", nsamples=ids.shape[0], seed=0, sparsity_ratio=sparsity,
                            sparsity_type=pattern, pow_of_var_pruning=1.0, get_time_overhead=False)
-    blocks = model.model.layers
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = _BlockShim(block, model.model.rotary_emb)
-    model.seqlen, model.hf_device_map = ids.shape[1], {}
-    model.to(device)
-    try:
-        with _cpu_safe(), contextlib.redirect_stdout(io.StringIO()):
-            reference.prune_DSnoT(args, model, None, torch.device(device), prune_n=n, prune_m=m)
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-        model.to("cpu")
+    with _as_reference_sees_it(model, ids.shape[1], device):
+        reference.prune_DSnoT(args, model, None, torch.device(device), prune_n=n, prune_m=m)
 
 
 # Reference implementations by name: (checkout, model, method, pattern, ids, device, sparsity) -> None, in place.
@@ -352,44 +345,21 @@ def run_alps_reference(checkout: Path, model, method: str, pattern: str, ids: to
         raise ValueError(f"{', '.join(fixed)}: hard-coded in the authors' ALPS_admm ({_ALPS_FIXED})")
     overrides = {name: value for name, value in given.items() if name not in _ALPS_FIXED}
     alps_module, llama_module = _alps_modules(checkout)
-    n, m = (0, 0) if pattern == "unstructured" else map(int, pattern.split(":"))
+    n, m = _nm(pattern)
     # Their nm_n counts the weights KEPT in each group of nm_m; our N counts the pruned ones.
     llama_module.args = SimpleNamespace(nsamples=ids.shape[0], method="ALPS", sp=sparsity, nm_n=m - n if m else 0,
                                         nm_m=m)
-    blocks = model.model.layers
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = _BlockShim(block, model.model.rotary_emb)
-    model.seqlen = ids.shape[1]
-    model.to(device)
-    try:
-        with _cpu_safe(), _alps_environment(alps_module, device, overrides), \
-                contextlib.redirect_stdout(io.StringIO()):
-            llama_module.llama_sequential(model, [(row[None],) for row in ids], torch.device(device),
-                                          nsamples=ids.shape[0])
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-        model.to("cpu")
+    with _as_reference_sees_it(model, ids.shape[1], device, device_map=False), \
+            _alps_environment(alps_module, device, overrides):
+        llama_module.llama_sequential(model, [(row[None],) for row in ids], torch.device(device), nsamples=ids.shape[0])
 
 
 def alps_perplexity(checkout: Path, model, eval_ids: torch.Tensor, device: str) -> float:
     """The ALPS authors' own llama_eval on the windows `eval_ids` [n, seqlen] (joined, as their loader gives)."""
     _alps_module, llama_module = _alps_modules(checkout)
-    blocks = model.model.layers
-    originals = list(blocks)
-    for i, block in enumerate(originals):
-        blocks[i] = _BlockShim(block, model.model.rotary_emb)
-    model.seqlen = eval_ids.shape[1]
-    model.to(device)
-    try:
-        with _cpu_safe(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            return float(llama_module.llama_eval(model, SimpleNamespace(input_ids=eval_ids.reshape(1, -1)),
-                                                 torch.device(device)))
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-        model.to("cpu")
+    with _as_reference_sees_it(model, eval_ids.shape[1], device, device_map=False), torch.no_grad():
+        return float(llama_module.llama_eval(model, SimpleNamespace(input_ids=eval_ids.reshape(1, -1)),
+                                             torch.device(device)))
 
 
 REFERENCES["alps"] = run_alps_reference
