@@ -54,3 +54,18 @@ def pytest_terminal_summary(terminalreporter):
         f"{torch.__version__} with {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
         f"load average {_START['load']:.1f} at the start and {os.getloadavg()[0]:.1f} at the end, "
         f"{shutil.disk_usage(os.getcwd()).free / 2**30:.1f} GiB free on disk")
+
+
+@pytest.fixture(scope="module")
+def one_thread_tokens_calibration(tmp_path_factory):
+    """For modules of tiny-model runs: one torch thread (tiny matrices: threads only wait for each other on a
+    shared machine) and a `tokens:` calibration file of 4 windows of 32 ids (sampling text would cost more
+    than pruning); yields its source string."""
+    from helpers import model_ids
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("calibration") / "windows.pt"
+    torch.save(model_ids(4, 32, seed=5), path)
+    yield f"tokens:{path}"
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ pruning, quantisation and recovery.
 
 Tiny random presets, a few calibration windows of 32 tokens: every run takes about a second.
 """
-import copy
 import json
 import subprocess
 import sys
@@ -19,11 +18,11 @@ from oneshot.cli import main
 from oneshot.errors import UsageError
 from oneshot.models import (TINY_MOE_PRESETS, decoder_blocks, expert_map, load_model, remove_blocks,
                             rewrite_config, structure_map)
-from oneshot.spec import Calibration, Evaluation, Recovery
+from oneshot.spec import Recovery
 from oneshot.structured import CRITERIA
 from oneshot.structured import scores as S
 
-from helpers import random_ids
+from helpers import model_ids, model_logits, prune_keeping_models, tokens_spec
 
 MOE = sorted(TINY_MOE_PRESETS)
 EXPERT_CRITERIA = ("frequency", "reap", "router-logit")
@@ -35,39 +34,16 @@ CALIBRATION = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread_and_calibration(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only wait for each other on a shared machine
-    path = tmp_path_factory.mktemp("calibration") / "windows.pt"
-    torch.save(random_ids(4, 32, seed=5, high=256), path)
-    CALIBRATION["source"] = f"tokens:{path}"
-    yield
-    torch.set_num_threads(threads)
+def _calibration(one_thread_tokens_calibration):
+    CALIBRATION["source"] = one_thread_tokens_calibration
 
 
 def _spec(model: str, method: str, pattern: str, sparsity: float | None, **changes) -> RunSpec:
-    fields = dict(model=model, method=method, pattern=pattern, sparsity=sparsity,
-                  calibration=Calibration(CALIBRATION["source"]), eval=Evaluation((), None), progress=False,
-                  dtype="float32", device="cpu")
-    fields.update(changes)
-    return RunSpec(**fields)
+    return tokens_spec(CALIBRATION["source"], model, method, pattern, sparsity, **changes)
 
 
 def _prune(preset, method, pattern, sparsity, dtype=torch.float32, **changes):
-    """Run the API on a model we keep a handle on; returns (record, pruned model, dense copy)."""
-    loaded = load_model(f"random:{preset}", dtype)
-    dense = copy.deepcopy(loaded.model)
-    spec = _spec(f"random:{preset}", method, pattern, sparsity, dtype=str(dtype).replace("torch.", ""), **changes)
-    return run(spec, loaded=loaded), loaded.model, dense
-
-
-def _ids(n: int = 2, seqlen: int = 24) -> torch.Tensor:
-    return random_ids(n, seqlen, seed=1, high=256)
-
-
-@torch.no_grad()
-def _logits(model, ids=None):
-    return model(input_ids=_ids() if ids is None else ids, use_cache=False).logits
+    return prune_keeping_models(CALIBRATION["source"], preset, method, pattern, sparsity, dtype, **changes)
 
 
 def _moe_blocks(model):
@@ -107,8 +83,8 @@ def reloads(tmp_path_factory):
         record, model, dense = _prune(preset, method, pattern, sparsity, save_model=str(saved),
                                       output=str(root / f"{saved.name}-out"))
         runs[preset, pattern, method] = {"record": record, "model": model, "dense": dense, "saved": saved,
-                                         "logits": _logits(model), "dense_logits": _logits(dense)}
-    torch.save(_ids(), root / "ids.pt")
+                                         "logits": model_logits(model), "dense_logits": model_logits(dense)}
+    torch.save(model_ids(), root / "ids.pt")
     done = subprocess.run([sys.executable, "-c", _RELOAD, str(root / "ids.pt"), *(str(r["saved"]) for r in
                                                                                    runs.values())],
                           capture_output=True, text=True, timeout=600)
@@ -238,7 +214,7 @@ def test_ties_go_to_the_lower_index_in_every_group():
 
 def test_removing_no_expert_keeps_the_dense_model():
     record, model, dense = _prune("tiny-mixtral", "reap", "experts", 0.05)
-    assert torch.equal(_logits(model), _logits(dense))
+    assert torch.equal(model_logits(model), model_logits(dense))
     assert record.structure["config"] == {} and record.sparsity_measured == 0.0
     assert record.structure["removed_experts"] == {}
 
@@ -313,7 +289,7 @@ def test_removed_blocks_keep_each_kept_blocks_kind_in_the_config(preset, key):
     rebuilt = AutoModelForCausalLM.from_config(model.config).eval()
     assert [hasattr(block.mlp, "experts") for block in decoder_blocks(rebuilt)] == [kinds[i] for i in kept]
     rebuilt.load_state_dict(model.state_dict())
-    assert torch.equal(_logits(rebuilt), _logits(model))
+    assert torch.equal(model_logits(rebuilt), model_logits(model))
 
 
 def test_the_structure_map_of_moe_families_says_what_can_go():

@@ -25,7 +25,7 @@ from oneshot.structured import scores as S
 from oneshot.structured.passes import first_order, hidden_states
 from oneshot.structured.refit import compensation, least_squares
 
-from helpers import random_ids
+from helpers import model_ids, model_logits, prune_keeping_models, tokens_spec
 
 PRESETS = list(TINY_PRESETS)
 FIXED_HEADS = ("tiny-opt", "tiny-gpt2", "tiny-gpt-neox")  # head_dim derives from hidden_size: heads stay
@@ -41,39 +41,16 @@ CALIBRATION = {}  # the tokens: file every run here calibrates on (sampling text
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread_and_calibration(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only wait for each other on a shared machine
-    path = tmp_path_factory.mktemp("calibration") / "windows.pt"
-    torch.save(_ids(4, 32, seed=5), path)
-    CALIBRATION["source"] = f"tokens:{path}"
-    yield
-    torch.set_num_threads(threads)
-
-
-def _ids(n: int = 2, seqlen: int = 24, seed: int = 1) -> torch.Tensor:
-    return random_ids(n, seqlen, seed=seed, high=256)
+def _calibration(one_thread_tokens_calibration):
+    CALIBRATION["source"] = one_thread_tokens_calibration
 
 
 def _spec(preset: str, method: str, pattern: str, sparsity: float, **changes) -> RunSpec:
-    fields = dict(model=f"random:{preset}", method=method, pattern=pattern, sparsity=sparsity,
-                  calibration=Calibration(CALIBRATION["source"]), eval=Evaluation((), None), progress=False,
-                  dtype="float32", device="cpu")
-    fields.update(changes)
-    return RunSpec(**fields)
+    return tokens_spec(CALIBRATION["source"], f"random:{preset}", method, pattern, sparsity, **changes)
 
 
 def _prune(preset, method, pattern, sparsity, dtype=torch.float32, **changes):
-    """Run the API on a model we keep a handle on; returns (record, pruned model, dense copy)."""
-    loaded = load_model(f"random:{preset}", dtype)
-    dense = copy.deepcopy(loaded.model)
-    spec = _spec(preset, method, pattern, sparsity, dtype=str(dtype).replace("torch.", ""), **changes)
-    return run(spec, loaded=loaded), loaded.model, dense
-
-
-@torch.no_grad()
-def _logits(model, ids=None):
-    return model(input_ids=_ids() if ids is None else ids, use_cache=False).logits
+    return prune_keeping_models(CALIBRATION["source"], preset, method, pattern, sparsity, dtype, **changes)
 
 
 # ---- every pattern on every family, reloaded by plain transformers -------------------------------
@@ -108,9 +85,9 @@ def family_runs(tmp_path_factory):
             except UsageError as exc:
                 runs[preset, pattern] = {"refused": str(exc), "saved": saved}
                 continue
-            runs[preset, pattern] = {"record": record, "logits": _logits(model), "dense": _logits(dense),
+            runs[preset, pattern] = {"record": record, "logits": model_logits(model), "dense": model_logits(dense),
                                      "saved": saved, "model": model}
-    torch.save(_ids(), root / "ids.pt")
+    torch.save(model_ids(), root / "ids.pt")
     dirs = [str(r["saved"]) for r in runs.values() if "record" in r]
     done = subprocess.run([sys.executable, "-c", _RELOAD, str(root / "ids.pt"), *dirs], capture_output=True,
                           text=True, timeout=600)
@@ -173,7 +150,7 @@ def test_every_criterion_removes_what_the_budget_says(method, pattern):
     assert smap.channels.num_units == 128 - removal["channels_per_block"]
     assert {"layers": removal["blocks"] > 0, "heads": removal["kv_groups_per_block"] > 0,
             "channels": removal["channels_per_block"] > 0}[pattern if pattern != "width" else "channels"]
-    assert torch.isfinite(_logits(model)).all()
+    assert torch.isfinite(model_logits(model)).all()
     if pattern == "layers":
         assert len(structure["removed_blocks"]) == removal["blocks"] and len(structure["block_scores"]) >= 1
 
@@ -199,7 +176,7 @@ def test_reconstruct_refits_and_changes_only_the_consuming_projections(method):
 ])
 def test_removing_nothing_gives_the_dense_logits(method, pattern, options):
     record, model, dense = _prune("tiny-llama", method, pattern, 0.0, options=options)
-    assert torch.equal(_logits(model), _logits(dense))
+    assert torch.equal(model_logits(model), model_logits(dense))
     assert record.structure["config"] == {} and record.sparsity_measured == 0.0
     assert record.structure["params_after"] == record.structure["params_before"]
 
@@ -331,7 +308,7 @@ def test_gradient_scores_are_the_loss_sensitivity_to_unit_gates(preset):
     """Against gates written out with autograd: m_u scales unit u's inputs to the consuming projection
     (m on the residual branch for blocks); score = sum over sequences of |dL_s/dm_u| at m = 1."""
     dense = load_model(f"random:{preset}", torch.float64).model
-    ids = _ids(3, 16)
+    ids = model_ids(3, 16)
     smap = structure_map(dense)
     kinds = ["channels", "blocks"] + (["heads"] if smap.heads.removable else [])
     scores = first_order(dense, smap, kinds, ids, "gradient", progress=False)
@@ -371,7 +348,7 @@ def test_gradient_scores_are_the_loss_sensitivity_to_unit_gates(preset):
 def test_taylor_scores_are_the_summed_weight_times_gradient_of_each_unit():
     """On GPT-2, whose Conv1D stores weights transposed: |w * dL/dw| summed over the channel's rows and column."""
     dense = load_model("random:tiny-gpt2", torch.float64).model
-    ids = _ids(2, 16)
+    ids = model_ids(2, 16)
     scores = first_order(dense, structure_map(dense), ["channels", "blocks"], ids, "taylor", progress=False)
     for p in dense.parameters():
         p.grad = None
@@ -393,7 +370,7 @@ def test_an_identity_block_is_the_one_block_influence_and_angular_remove():
         block = decoder_blocks(model)[1]
         block.self_attn.o_proj.weight.zero_()
         block.mlp.down_proj.weight.zero_()
-    influence, states = hidden_states(model, _ids(), progress=False)
+    influence, states = hidden_states(model, model_ids(), progress=False)
     assert float(influence[1]) == pytest.approx(0.0, abs=1e-12) and float(influence.min()) == float(influence[1])
     assert S.angular_window(states, 1) == 1
     for method in ("block-influence", "angular"):
@@ -401,7 +378,7 @@ def test_an_identity_block_is_the_one_block_influence_and_angular_remove():
         record = run(_spec("tiny-gemma3", method, "layers", 0.34, dtype="float64"), loaded=loaded)
         assert record.structure["removed_blocks"] == [1]
         assert loaded.model.config.layer_types == [model.config.layer_types[0], model.config.layer_types[2]]
-        assert torch.allclose(_logits(loaded.model), _logits(model), atol=1e-10)
+        assert torch.allclose(model_logits(loaded.model), model_logits(model), atol=1e-10)
 
 
 def test_angular_window_is_the_closest_pair_of_states_n_blocks_apart():
