@@ -86,6 +86,7 @@ def prune(plan: Plan, loaded, seqlen, timings: dict) -> tuple[Record, object]:
         targets = steps.allocate(plan, loaded.model, ids)
         allocate_s = time.perf_counter() - started
         report = steps.prune(plan, loaded.model, targets, ids, steps.prune_checkpoint(plan))
+        steps.quantize_head(plan, loaded.model, report)
         # prune_s is the whole cost of choosing the masks: an allocation's own pass over the model included
         timings["allocate_s"] = allocate_s
         timings["prune_s"] = allocate_s + report.timings["prune_s"]
@@ -182,8 +183,11 @@ def _inherit(record: Record, lineage: dict, recovered: bool) -> None:
 def _quantization(plan: Plan, report) -> dict | None:
     if plan.grid is None:
         return None
+    from .quantize.head import HEAD_KEY, head_grid
+
     grid, spec = plan.grid, plan.spec
     return {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric,
             "scale_dtype": None if grid.scale_dtype is None else str(grid.scale_dtype).replace("torch.", ""),
             "method": plan.quant_method, "grid": grid.describe(), "format": spec.format,
-            "layers": len(getattr(report, "quantized", {}))}
+            "layers": len([key for key in getattr(report, "quantized", {}) if key != HEAD_KEY]),
+            "head": head_grid(grid.scale_dtype).describe() if spec.quantize_head else None}

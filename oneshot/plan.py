@@ -151,7 +151,7 @@ def make_plan(spec: RunSpec) -> Plan:
             check_structured(skeleton, fields.method, fields.pattern, fields.sparsity, fields.method_options,
                              spelled("sparsity"))
         if fields.grid is not None:
-            check_quantized_model(skeleton, fields.grid)
+            check_quantized_model(skeleton, fields.grid, spec.quantize_head)
         export.check_format(skeleton, spec.format, fields.grid, removes_blocks=fields.pattern.structure == "layers")
     zeroshot = check_evaluation(spec, model_kind)  # last: it may take seconds
     method = fields.method

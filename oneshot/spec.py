@@ -216,6 +216,10 @@ class RunSpec:
         "auto", "auto (joint with sparsegpt, gptq otherwise) | joint (inside SparseGPT's sweep) | gptq (after "
         "pruning, with the layer's Hessian) | rtn (round to nearest)", flag="--quant-method", owner="quantize",
         metavar="METHOD")
+    quantize_head: bool = setting(
+        False, "also quantise the output head (a tied head is the embeddings too) to int8, symmetric, groups of 32 "
+        "(GGUF's Q8_0), by rounding to nearest: llama.cpp's own quantiser keeps the head finer than the blocks",
+        flag="--quantize-head", owner="quantize")
     overwrite: bool = setting(False, "replace the contents of existing output directories", flag="--overwrite",
                               commands=ALL, owner="outputs", keyed=False)
     checkpoint_dir: str | None = setting(

@@ -284,6 +284,17 @@ def perplexities(plan: Plan, model, tokenizer, seqlen, move: bool = True, quiet:
     return ppl, windows
 
 
+def quantize_head(plan: Plan, model, report) -> None:
+    """--quantize-head: the output head rounded onto Q8_0's grid after the blocks; export finds its codes."""
+    if not plan.spec.quantize_head:
+        return
+    from .quantize.head import HEAD_KEY
+    from .quantize.head import quantize_head as round_head
+
+    report.quantized[HEAD_KEY] = round_head(model)
+    log.info("quantised the output head: int8, symmetric, groups of 32 (Q8_0)")
+
+
 def zeroshot(plan: Plan, loaded, timings: dict) -> dict | None:
     """lm-eval's tasks on the model in memory, or None when the run asks for none."""
     from .evaluate.zeroshot import default_batch_size, evaluate_zeroshot

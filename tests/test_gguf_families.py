@@ -70,3 +70,34 @@ def test_a_model_that_lost_heads_says_its_head_length(tmp_path):
     hidden = fields["llama.embedding_length"].contents()
     assert fields["llama.attention.key_length"].contents() == fields["llama.rope.dimension_count"].contents()
     assert fields["llama.attention.key_length"].contents() * heads != hidden
+
+
+@pytest.mark.parametrize("preset,head_tensor", [("tiny-llama", "output.weight"),  # untied: its own head
+                                                ("tiny-gemma3-1kv", "token_embd.weight")])  # tied: the embeddings
+def test_quantize_head_writes_the_runs_own_q8_0_head_and_reloads_with_its_perplexity(preset, head_tensor, tmp_path):
+    """--quantize-head rounds the head onto Q8_0's grid in the run (so the run's perplexity is the file's) and the
+    writer packs those codes: the head is Q8_0 in the file, the blocks Q4_0, and nothing is re-quantised."""
+    plain = run(RUN.replace(model=f"random:{preset}", save_model=str(tmp_path / "plain"), **GRIDS["q4_0"]))
+    record = run(RUN.replace(model=f"random:{preset}", save_model=str(tmp_path / "m"), quantize_head=True,
+                             **GRIDS["q4_0"]))
+    assert record.quantization["head"] == "int8 symmetric, groups of 32"
+    assert record.quantization["layers"] == plain.quantization["layers"]
+    assert record.ppl != plain.ppl  # the head moved onto the grid before the evaluation
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "m" / "model.gguf")).tensors}
+    assert types[head_tensor] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert ("output.weight" in types) == (head_tensor == "output.weight")
+    again = run(RunSpec(kind="eval", method="dense", model=str(tmp_path / "m" / "model.gguf"),
+                        calibration=Calibration(seqlen=32), eval=Evaluation(samples=4), progress=False))
+    assert again.ppl == record.ppl
+
+
+@pytest.mark.parametrize("changes,reason", [
+    (dict(quantize_head=True), "quantize_head applies to quantisation; add quantize"),
+    (dict(quantize_head=True, format="compressed-tensors", **GRIDS["q8_0"]),
+     "quantize_head is written by format gguf or hf"),
+])
+def test_quantize_head_without_a_grid_or_in_compressed_tensors_is_refused_before_any_work(changes, reason, tmp_path):
+    with pytest.raises(UsageError, match=reason):
+        run(RUN.replace(model="random:tiny-llama", save_model=str(tmp_path / "m"), **changes))
+    assert not (tmp_path / "m").exists()

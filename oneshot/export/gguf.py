@@ -12,7 +12,8 @@ Quantised layers are written as Q8_0 (int8) or Q4_0 (int4): blocks of 32 weights
 a float16 scale d; Q8_0 stores the signed codes, Q4_0 the codes + 8 in nibbles (x = d * (nibble - 8)). Those
 are exactly the run's symmetric grid with groups of 32 and float16 scales (the run rounds its scales to float16
 when it is to be saved as GGUF), so the blocks are packed from the run's own codes and the file dequantises
-to exactly the weights the run evaluated; nothing is re-quantised. Every other tensor keeps the model's dtype
+to exactly the weights the run evaluated; nothing is re-quantised. With --quantize-head the head (for a tied
+head, token_embd) is Q8_0 from the run's own rounding too. Every other tensor keeps the model's dtype
 (F32, F16 or BF16). The tokenizer's `tokenizer.ggml.*` metadata is copied from the source GGUF when the model
 came from one (the embedded models), else built from a byte-pair-encoding fast tokenizer's vocabulary and
 merges when there is one, else left out (the model then loads, but llama.cpp needs a tokenizer). The lineage
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from ..models import decoder_blocks, prunable_layers
+from ..quantize.head import HEAD_KEY
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,8 @@ def save_gguf(model, tokenizer, quantized: dict, lineage: dict, tmp: Path, sourc
     if arch.swa_every:
         writer.add_sliding_window(int(config.sliding_window))
     writer.add_vocab_size(model.get_input_embeddings().num_embeddings)
-    grids = {params.grid.bits for params in quantized.values()}
+    head = quantized.get(HEAD_KEY)  # --quantize-head: the head's (a tied one's: the embeddings') Q8_0 codes
+    grids = {params.grid.bits for key, params in quantized.items() if key != HEAD_KEY}
     writer.add_file_type({8: gguf.LlamaFileType.MOSTLY_Q8_0, 4: gguf.LlamaFileType.MOSTLY_Q4_0}.get(
         grids.pop() if len(grids) == 1 else None, gguf.LlamaFileType.ALL_F32))
     writer.add_string("oneshot.lineage", json.dumps(lineage))
@@ -176,6 +179,8 @@ def save_gguf(model, tokenizer, quantized: dict, lineage: dict, tmp: Path, sourc
             permute = kv_heads
         index_name = layers.get(id(parameter))
         params = quantized.get(f"{index_name[0]}.{index_name[1]}") if index_name else None
+        if head is not None and output is not None and parameter is output.weight:
+            params = head
         if params is None:
             data, kind = _plain(_rotary_permute(tensor, permute) if permute else tensor)
             writer.add_tensor(target, data, raw_dtype=kind)

@@ -121,7 +121,8 @@ def check_settings(spec, method, pattern) -> tuple[Grid | None, str | None]:
         raise QuantizationError(f"unknown {spelled('quant_method')} {spec.quant_method!r}; choose "
                                 f"{', '.join(QUANT_METHODS)}")
     if spec.quantize is None:
-        for key, unset in (("group_size", None), ("symmetric", False), ("quant_method", "auto")):
+        for key, unset in (("group_size", None), ("symmetric", False), ("quant_method", "auto"),
+                           ("quantize_head", False)):
             if getattr(spec, key) != unset:
                 raise QuantizationError(f"{spelled(key)} applies to quantisation; add {spelled('quantize')} int8|int4")
         return None, None
@@ -143,6 +144,9 @@ def check_settings(spec, method, pattern) -> tuple[Grid | None, str | None]:
     if spec.checkpoint_dir:
         raise QuantizationError(f"{spelled('checkpoint_dir')} cannot keep quantisation parameters yet; leave it out "
                                 f"with {spelled('quantize')}")
+    if spec.quantize_head and spec.format == "compressed-tensors":
+        raise QuantizationError(f"{spelled('quantize_head')} is written by {spelled('format')} gguf or hf; "
+                                "compressed-tensors packs the blocks' linear layers only")
     if spec.format == "gguf":  # Q8_0 and Q4_0 blocks store their scale as float16: use exactly those scales
         import torch
 
@@ -150,6 +154,11 @@ def check_settings(spec, method, pattern) -> tuple[Grid | None, str | None]:
     return Grid(BITS[spec.quantize], spec.group_size, spec.symmetric), how
 
 
-def check_model(skeleton, grid: Grid) -> None:
-    """Against the model's architecture (its config, no weights): every quantised layer takes the group size."""
+def check_model(skeleton, grid: Grid, head: bool = False) -> None:
+    """Against the model's architecture (its config, no weights): every quantised layer takes the group size,
+    and the head, when it is quantised too, its groups of 32."""
     check_group_size(skeleton, grid, spelled("group_size"))
+    if head:
+        from .head import check_head
+
+        check_head(skeleton, spelled("quantize_head"))
