@@ -108,6 +108,8 @@ class Record:
     stages: list | None = None
     # The settings that decide the result, as a run config (settings.to_mapping): `--config` reads it back.
     settings: dict = field(default_factory=dict)
+    # torch's intra-op threads: float32 sums are split by it, so a bit-for-bit rerun needs the same count.
+    threads: int | None = None
 
     _DROP_IF_NONE = ("lineage", "base", "run_key", "structure", "quantization", "saved_model", "recovery", "stages")
 
@@ -179,17 +181,22 @@ def versions() -> dict:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    return found
+    from .methods import PLUGIN_PACKAGES  # methods from other packages (the oneshot.methods entry points)
+
+    return found | PLUGIN_PACKAGES
 
 
 def provenance(device: str, dtype, timings: dict, command: list[str]) -> dict:
     """What every record carries so that a number can be traced and reproduced."""
+    import torch
+
     return {
         "timings": timings,
         "peak_memory_gib": peak_memory_gib(device),
         "peak_memory_kind": "cuda max allocated" if device.startswith("cuda") else "host max RSS",
         "device": device_name(device),
         "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
         "versions": versions(),
         "command": command,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

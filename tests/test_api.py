@@ -32,6 +32,7 @@ def test_run_returns_a_record_with_every_0_2_0_key(tmp_path):
     assert written["allocation"] == {"name": "uniform", "options": {}}
     assert set(written["sparsity_target_per_layer"].values()) == {0.5}
     assert written["sparsity_target_per_layer"].keys() == written["sparsity_per_layer"].keys()
+    assert written["threads"] == torch.get_num_threads()  # a bit-for-bit rerun needs the same count
 
 
 def test_options_reach_the_method_typed(monkeypatch):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.system  # a real local Ray instance, a real Slurm clust
 
 CONFIG = TINY_SWEEP.format(methods="[magnitude, wanda]", patterns="[unstructured]", sparsities="[0.5]")
 # What differs between two runs of the same settings anywhere: when, how long, how much memory, on what.
-VARYING = {"timings", "peak_memory_gib", "finished_at", "device"}
+VARYING = {"timings", "peak_memory_gib", "finished_at", "device", "threads"}  # threads: the worker's CPUs
 
 
 def records(path):

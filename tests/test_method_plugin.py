@@ -38,6 +38,7 @@ def test_an_installed_plugin_method_runs_from_the_cli_a_config_and_a_sweep(insta
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "result.json").read_text())
     assert record["method"] == "wanda-power" and record["options"] == {"a": 1.0}
+    assert record["versions"]["oneshot-wanda-power"] == "0.1.0"  # the plugin's package, beside torch's
     wanda = run(RunSpec(model="random:tiny-llama", method="wanda", calibration=Calibration(nsamples=4, seqlen=64),
                         eval=Evaluation(samples=2), progress=False))
     assert record["ppl"] == wanda.ppl and record["sparsity_per_layer"] == wanda.sparsity_per_layer  # a = 1: Wanda

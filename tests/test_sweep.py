@@ -172,6 +172,17 @@ def test_run_keys_follow_what_determines_the_result(tmp_path):
     assert changed["random:tiny-llama wanda 0.3"] != base["random:tiny-llama wanda 0.3"]
 
 
+def test_a_lone_switch_in_options_is_one_value_as_a_lone_number_is(tmp_path):
+    config = write_config(tmp_path, methods="[flap]", patterns="[channels]", sparsities="[0.2]",
+                          extra="options: {bias_compensation: false}\n")
+    runs = [r for r in load_config(config).runs() if r.method == "flap"]
+    assert [r.options for r in runs] == [{"bias_compensation": False}]
+    switched = write_config(tmp_path, methods="[flap]", patterns="[channels]", sparsities="[0.2]",
+                            extra="options: {bias_compensation: [true, false]}\n")
+    assert sorted(r.options["bias_compensation"] for r in load_config(switched).runs() if r.method == "flap") == [
+        False, True]
+
+
 def test_unquoted_nm_patterns_are_patterns_not_base_60_numbers(tmp_path):
     config = load_config(write_config(tmp_path, patterns="[unstructured, 2:4, 4:8]", sparsities="[1e-1]"))
     assert config.patterns == ["unstructured", "2:4", "4:8"] and config.sparsities == [0.1]
@@ -262,6 +273,20 @@ def test_report_gives_allocations_orders_and_options_rows_of_their_own(tmp_path)
     assert table.collisions == 0
     assert [row[1] for row in table.rows(("ppl", "w"))] == ["wanda", "wanda (owl)", "admm (owl, sequential, iterations=20)"]
     assert table.get(("prune_s", None), ("m", "wanda (owl)", "unstructured"), 0.6) == 2.0
+
+
+def test_prune_times_taken_at_different_thread_counts_are_flagged_in_the_report():
+    """float32 work splits over torch's threads, so times (and the last bits) follow the count: a table mixing
+    counts says so, and one count says nothing."""
+    from oneshot.sweep.cells import build_cells
+    from oneshot.sweep.report import render_markdown
+
+    base = {"model": "m", "method": "wanda", "pattern": "unstructured", "ppl": {"w": 30.0},
+            "timings": {"prune_s": 2.0}}
+    same = [dict(base, sparsity_target=0.5, threads=2), dict(base, sparsity_target=0.6, threads=2)]
+    assert "thread counts" not in render_markdown(build_cells(same), "t")
+    mixed = same + [dict(base, sparsity_target=0.7)]
+    assert "(2 run(s) at 2 thread(s), 1 run(s) at unrecorded thread(s))" in render_markdown(build_cells(mixed), "t")
 
 
 def test_labels_tell_sequential_runs_apart(tmp_path):

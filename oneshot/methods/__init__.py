@@ -105,6 +105,7 @@ METHODS = {
 
 ENTRY_POINTS = "oneshot.methods"
 PLUGIN_ERRORS: dict[str, str] = {}  # entry point name -> why it could not be loaded
+PLUGIN_PACKAGES: dict[str, str] = {}  # distribution that provided a loaded plugin method -> its version
 
 
 def register(method: Method, origin: str = "") -> Method:
@@ -127,6 +128,8 @@ def _load_plugins() -> None:
             loaded = point.load()
             method = loaded() if callable(loaded) and not isinstance(loaded, Method) else loaded
             register(method, f"entry point {point.name} ({point.value})")
+            if getattr(point, "dist", None) is not None:  # its numbers depend on its code: every record names the package
+                PLUGIN_PACKAGES[point.dist.name] = point.dist.version
         except Exception as exc:  # noqa: BLE001 - a broken plugin is reported when it is asked for
             PLUGIN_ERRORS[point.name] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 

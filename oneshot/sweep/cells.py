@@ -133,6 +133,7 @@ class ReportCells:
     metrics: dict = field(default_factory=dict)
     windows: dict = field(default_factory=dict)  # ppl source -> set of (n, seqlen)
     collisions: int = 0
+    prune_threads: dict = field(default_factory=dict)  # torch threads (None: not recorded) -> runs timed with them
 
     def put(self, metric, row, sparsity, value):
         cells = self.metrics.setdefault(metric, {}).setdefault(row, {})
@@ -169,6 +170,8 @@ def build_cells(records: list[dict]) -> ReportCells:
         prune_s = (record.get("timings") or {}).get("prune_s") if isinstance(record.get("timings"), dict) else None
         if not is_baseline_row(record.get("method")) and _is_number(prune_s):
             table.put(("prune_s", None), row, sparsity, float(prune_s))
+            threads = record.get("threads")
+            table.prune_threads[threads] = table.prune_threads.get(threads, 0) + 1
         structure = record.get("structure")
         if isinstance(structure, dict) and structure.get("removed_fraction") is not None:
             table.put(("removed", None), row, sparsity, _float(structure["removed_fraction"]))

@@ -297,7 +297,9 @@ def load_config(path: str | Path) -> SweepConfig:
     options = data.get("options") or {}
     if not isinstance(options, dict):
         raise UsageError(f"{where}: options must map option names to a value or a list of values")
-    options = {name: list(dict.fromkeys(_as_list(f"{where}: options.{name}", v))) for name, v in options.items()}
+    # an option may be a switch: a lone true/false is one value, as a lone number or name is
+    options = {name: list(dict.fromkeys(_as_list(f"{where}: options.{name}", [v] if isinstance(v, bool) else v)))
+               for name, v in options.items()}
     _check_options_are_declared(where, options, methods, allocations)
 
     shared = flatten({k: v for k, v in data.items() if k not in plural and k not in ("options", *SWEEP_ONLY)},

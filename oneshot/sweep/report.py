@@ -82,6 +82,11 @@ def render_markdown(table: ReportCells, title: str, comparison=None) -> str:
         rows = [[*row, *(fmt_cell(metric, table.get(metric, row, s)) for s in columns)]
                 for row in table.rows(metric)]
         lines += [f"### {_metric_title(metric, table)}", "", *_markdown_table(header, rows, 3), ""]
+        if metric[0] == "prune_s" and len(table.prune_threads) > 1:  # times compare only at one thread count
+            order = sorted(table.prune_threads.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+            counts = ", ".join(f"{n} run(s) at {'unrecorded' if t is None else t} thread(s)" for t, n in order)
+            lines += [f"Note: these times were taken at different thread counts ({counts}); compare them only "
+                      "within one count.", ""]
     if table.collisions:
         lines += [f"Note: {table.collisions} cell(s) were measured more than once with different settings; "
                   "the latest is shown. Keep one configuration per results file to avoid this.", ""]
