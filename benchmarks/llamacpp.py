@@ -1,13 +1,17 @@
 """Speed and perplexity of oneshot's GGUF files in llama.cpp itself (through llama-cpp-python).
 
     python benchmarks/llamacpp.py --model smollm2-135m --out benchmarks/llamacpp_runs
-    python benchmarks/llamacpp.py --model gemma3-270m --variants dense-f32,dense-q4_0,width-q4_0 --rounds 5
+    python benchmarks/llamacpp.py --model gemma3-270m --out benchmarks/llamacpp_runs
+    python benchmarks/llamacpp.py --model smollm2-135m --head f32 --out benchmarks/llamacpp_runs   # head left F32
 
 Each variant is made once through the run API and saved with --format gguf (resumable: a variant whose file
-exists is not made again): dense in F32, Q8_0 and Q4_0; width, layers and channels at 25% then quantised to
+and made.json exist is not made again): dense in F32, Q8_0 and Q4_0; width, layers and channels at 25% then quantised to
 Q4_0 in a second run (one run does not quantise a structured model), the kept MLP channels a multiple of
 32 (channel_multiple), the width of a Q4_0 block; unstructured 50% (Wanda) and 2:4
-(SparseGPT) pruned jointly with oneshot's Q4_0 codes. Then llama.cpp opens every file at once and times them
+(SparseGPT) pruned jointly with oneshot's Q4_0 codes. The quantised files' output head is Q8_0 (--quantize-head,
+as llama.cpp's own quantiser quantises it) unless --head f32. A variant the model cannot take (width on a model
+whose query heads share one key/value head, blocks removed from Gemma 3's fixed sliding pattern) is refused
+before any work and listed in the table with the reason. Then llama.cpp opens every file at once and times them
 round-robin, so that a busy neighbour slows all of them alike:
 
 - prefill: one pass over a --prefill token prompt (logits of the last position only), tokens/s;
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from oneshot import RunSpec, run  # noqa: E402
 from oneshot.record import versions  # noqa: E402
+from oneshot.errors import UsageError  # noqa: E402
 from oneshot.spec import Calibration, Evaluation  # noqa: E402
 
 GRIDS = {"f32": {}, "q8_0": dict(quantize="int8", symmetric=True, group_size=32),
@@ -51,14 +56,16 @@ VARIANTS = {
 STRUCTURED = ("layers", "heads", "channels", "width")
 
 
-def make(model: str, name: str, out: Path, calibration: Calibration, evaluation: Evaluation) -> dict:
+def make(model: str, name: str, out: Path, calibration: Calibration, evaluation: Evaluation,
+         quantize_head: bool) -> dict:
     """Save variant `name` as out/name/model.gguf; its record's summary (cached beside it)."""
     target = out / name.replace(":", "_")
     summary = target / "made.json"
-    if summary.exists():
+    if summary.exists() and (target / "gguf" / "model.gguf").exists():  # a summary alone (a clone) is made again
         return json.loads(summary.read_text())
     method, pattern, sparsity, grid = VARIANTS[name]
-    common = dict(calibration=calibration, eval=evaluation, progress=True, format="gguf")
+    common = dict(calibration=calibration, eval=evaluation, progress=True, format="gguf",
+                  quantize_head=quantize_head and grid != "f32")
     if pattern in STRUCTURED:
         options = {"channel_multiple": 32} if pattern in ("width", "channels") else {}
         structure = run(RunSpec(model=model, method=method, pattern=pattern, sparsity=sparsity, options=options,
@@ -112,6 +119,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--head", choices=("q8_0", "f32"), default="q8_0",
+                        help="the output head of the quantised files: Q8_0 (--quantize-head, as llama.cpp's own "
+                             "quantiser does) or F32 (results under MODEL-f32-head)")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -123,11 +133,18 @@ def main() -> None:
     from oneshot.evaluate.llamacpp import perplexity
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out) / args.model
+    out = Path(args.out) / (args.model if args.head == "q8_0" else f"{args.model}-f32-head")
     out.mkdir(parents=True, exist_ok=True)
     calibration = Calibration("wiki-offline", 16, args.eval_seqlen)
     evaluation = Evaluation(samples=args.eval_samples)
-    made = {name: make(args.model, name, out, calibration, evaluation) for name in names}
+    made, refused = {}, {}
+    for name in names:
+        try:
+            made[name] = make(args.model, name, out, calibration, evaluation, args.head == "q8_0")
+        except UsageError as error:  # the model's shape or llama.cpp cannot take this variant: say why in the table
+            refused[name] = str(error)
+            print(f"{name}: refused: {error}", flush=True)
+    names = [name for name in names if name in made]
     windows = eval_windows(args.model, args.eval_seqlen, args.eval_samples)
     for name in names:
         if "ppl_llamacpp" not in made[name]:
@@ -168,7 +185,7 @@ def main() -> None:
               "device": f"cpu ({os.cpu_count()} cores), llama.cpp {args.threads} threads",
               "versions": {**versions(), "llama-cpp-python": llama_cpp_version},
               "eval": {"source": "wiki-offline", "seqlen": args.eval_seqlen, "windows": args.eval_samples},
-              "rows": rows, "raw_rounds": [{n: list(t) for n, t in r.items()} for r in rounds]}
+              "head": args.head, "rows": rows, "refused": refused, "raw_rounds": [{n: list(t) for n, t in r.items()} for r in rounds]}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     table = ["| variant | file MiB | ppl llama.cpp | ppl oneshot | diff | prefill tok/s | x dense | decode tok/s "
              "| x dense |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -177,6 +194,7 @@ def main() -> None:
         table.append(f"| {row['variant']} | {row['file_bytes'] / 2**20:.1f} | {row['ppl_llamacpp']:.2f} | "
                      f"{row['ppl_oneshot']:.2f} | {row['ppl_diff_pct']:+.2f}% | {row['prefill_tok_s']:.0f} | "
                      f"{fmt('prefill_x')} | {row['decode_tok_s']:.1f} | {fmt('decode_x')} |")
+    table += [f"| {name} | refused: {why} |||||||| " for name, why in refused.items()]
     (out / "table.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(f"load average {load[0]:.2f} -> {load[1]:.2f}; wrote {out / 'result.json'} and {out / 'table.md'}")
