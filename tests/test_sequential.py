@@ -17,6 +17,9 @@ GROUPS = {  # forward order; layers in one group read the same tensor
     "tiny-opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"],
                  ["fc2"]],
     "tiny-gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
+    # Gemma 3: sliding and global layers, q/k norms and four norms per block between the groups
+    "tiny-gemma3": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                    ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
 }
 
 
