@@ -21,9 +21,10 @@ from ..methods import Method
 from ..methods.magnitude import magnitude_prune
 from ..methods.sparsegpt import prepare_hessian
 from ..methods.statistics import Hessian
-from ..settings import spelled
+from ..settings import entries, spelled
 from .columns import gptq, joint_prune_quantize
 from .grid import BITS, Grid, QuantizationError, check_group_size, rtn
+from .head import check_head
 
 QUANT_METHODS = ("auto", "joint", "gptq", "rtn")
 
@@ -121,10 +122,13 @@ def check_settings(spec, method, pattern) -> tuple[Grid | None, str | None]:
         raise QuantizationError(f"unknown {spelled('quant_method')} {spec.quant_method!r}; choose "
                                 f"{', '.join(QUANT_METHODS)}")
     if spec.quantize is None:
-        for key, unset in (("group_size", None), ("symmetric", False), ("quant_method", "auto"),
-                           ("quantize_head", False)):
-            if getattr(spec, key) != unset:
-                raise QuantizationError(f"{spelled(key)} applies to quantisation; add {spelled('quantize')} int8|int4")
+        # every setting quantisation owns means nothing without a grid, but the grid itself and the format
+        # (which any saved model has); derived from the table, so a new one is refused here without a list
+        for e in entries():
+            if e.setting.owner == "quantize" and e.path not in ("quantize", "format") and \
+                    getattr(spec, e.path) != e.default:
+                raise QuantizationError(f"{spelled(e.path)} applies to quantisation; add {spelled('quantize')} "
+                                        "int8|int4")
         return None, None
     if spec.quantize not in BITS:
         raise QuantizationError(f"{spelled('quantize')} {spec.quantize!r} is not supported; choose "
@@ -159,6 +163,4 @@ def check_model(skeleton, grid: Grid, head: bool = False) -> None:
     and the head, when it is quantised too, its groups of 32."""
     check_group_size(skeleton, grid, spelled("group_size"))
     if head:
-        from .head import check_head
-
         check_head(skeleton, spelled("quantize_head"))
