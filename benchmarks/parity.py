@@ -75,7 +75,7 @@ def one_pair(args, reference: str, checkout: Path, method: str, pattern: str, ca
     their_zeros = zeros(theirs.model)
     our_ppl = ours.ppl[f"tokens:{evaluation}"]
     return {"reference": reference, "method": method, "pattern": pattern, "sparsity": args.sparsity,
-            "options": dict(args.option or {}), "dtype": args.dtype, "ours_ppl": our_ppl, "reference_ppl": their_ppl,
+            "options": dict(args.option or {}), "dtype": args.dtype, "reference_dtype": args.dtype, "ours_ppl": our_ppl, "reference_ppl": their_ppl,
             "difference": our_ppl / their_ppl - 1, "ours_sparsity": ours.sparsity_measured,
             "reference_sparsity": sum(int(z.sum()) for z in their_zeros) / sum(z.numel() for z in their_zeros),
             "mask_agreement": agreement(our_zeros, their_zeros), "ours_s": ours_s, "reference_s": theirs_s,
@@ -114,12 +114,12 @@ def main(argv=None) -> int:
     results = args.out / "parity.jsonl"
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     key = lambda r: (r["reference"], r["method"], r["pattern"], r["sparsity"], r["dtype"],  # noqa: E731
-                     json.dumps(r["options"], sort_keys=True))
+                     r.get("reference_dtype", r["dtype"]), json.dumps(r["options"], sort_keys=True))
     finished = {key(r) for r in done}
     for method in args.methods.split(","):
         for pattern in args.patterns.split(",")[:1] if method == "dense" else args.patterns.split(","):
             probe = {"reference": reference, "method": method, "pattern": pattern, "sparsity": args.sparsity,
-                     "dtype": args.dtype, "options": dict(args.option or {})}
+                     "dtype": args.dtype, "reference_dtype": args.dtype, "options": dict(args.option or {})}
             if key(probe) in finished:
                 continue
             result = one_pair(args, reference, Path(checkout), method, pattern, calib, evaluation)

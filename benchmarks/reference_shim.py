@@ -201,6 +201,31 @@ def _dsnot_module(checkout: Path, name: str):
     return module
 
 
+@contextlib.contextmanager
+def _float64_for(model):
+    """For a float64 model, the reference's own arithmetic in float64 too: it makes buffers with the default
+    dtype and casts with .type(torch.float32) and .float() (a numerical study; as published their code keeps
+    these in float32). A float32 model: unchanged."""
+    if next(model.parameters()).dtype != torch.float64:
+        yield
+        return
+    saved = torch.get_default_dtype(), torch.Tensor.type, torch.Tensor.float
+
+    def as_type(tensor, dtype=None, *args, **kwargs):
+        if dtype is None:
+            return saved[1](tensor)
+        return saved[1](tensor, torch.float64 if dtype in (torch.float32, "torch.FloatTensor") else dtype, *args,
+                        **kwargs)
+
+    torch.set_default_dtype(torch.float64)
+    torch.Tensor.type, torch.Tensor.float = as_type, lambda tensor, *a, **k: tensor.to(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved[0])
+        torch.Tensor.type, torch.Tensor.float = saved[1], saved[2]
+
+
 def run_dsnot_reference(checkout: Path, model, method: str, pattern: str, ids: torch.Tensor, device: str,
                         sparsity: float = 0.5, options: dict | None = None, accumulate_hessian: bool = True) -> None:
     """Prune `model` in place with the DSnoT authors' prune_DSnoT at `sparsity` on calibration windows `ids`;
@@ -250,7 +275,7 @@ def run_dsnot_reference(checkout: Path, model, method: str, pattern: str, ids: t
     n, m = _nm(pattern)
     args = SimpleNamespace(**flags, prune_method="DSnoT", nsamples=ids.shape[0], seed=0, sparsity_ratio=sparsity,
                            sparsity_type=pattern, pow_of_var_pruning=1.0, get_time_overhead=False)
-    with _as_reference_sees_it(model, ids.shape[1], device):
+    with _as_reference_sees_it(model, ids.shape[1], device), _float64_for(model):
         reference.prune_DSnoT(args, model, None, torch.device(device), prune_n=n, prune_m=m)
 
 
