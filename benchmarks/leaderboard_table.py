@@ -27,10 +27,10 @@ ZEROSHOT_CONFIGS = ("leaderboard_zeroshot", "leaderboard_zeroshot_best")
 CARRIED_FROM = ROOT / "experiments/results/beyond_sparsegpt.pinned.jsonl"
 COLUMNS = (("50%", "unstructured", 0.5), ("60%", "unstructured", 0.6), ("70%", "unstructured", 0.7),
            ("80%", "unstructured", 0.8), ("2:4", "2:4", None), ("4:8", "4:8", None))
-# The goal (issue 27): the best row at least 5% below the authors' ALPS at these settings.
+# The goal (issue 27): oneshot's best configuration, the best of the other rows, at least 5% below the
+# authors' ALPS (the `alps` row, checked against their code in PARITY.md) at these settings.
 GOAL_COLUMNS = ("60%", "70%", "2:4")
-BEST_ROW = "admm (owl, sequential)"  # oneshot's best configuration: leaderboard_best.yaml
-BEST_ROWS_NM = "admm (sequential)"  # the same for N:M, where OWL does not apply
+GOAL_REFERENCE = "alps"
 TIME_SETTING = "0.7"
 BEGIN, END = "<!-- leaderboard: begin (benchmarks/leaderboard_table.py) -->", "<!-- leaderboard: end -->"
 
@@ -181,9 +181,10 @@ def build(results: Path, zeroshot: Path, times: Path, parity: Path) -> tuple[str
                                         parities.get(parity_key, "")]) + " |")
     goal = {}
     for c in GOAL_COLUMNS:
-        ours = min((cells[r][c] for r in (BEST_ROW, BEST_ROWS_NM) if c in cells.get(r, {})), default=None)
-        alps = cells.get("alps", {}).get(c)
-        goal[c] = (ours, alps, None if ours is None or alps is None else ours / alps - 1)
+        others = [(cells[r][c], r) for r in rows if r not in ("dense", GOAL_REFERENCE) and c in cells[r]]
+        ours, best_row = min(others) if others else (None, None)
+        alps = cells.get(GOAL_REFERENCE, {}).get(c)
+        goal[c] = (ours, best_row, alps, None if ours is None or alps is None else ours / alps - 1)
     recorded = sum(record.get("run_key") in owner for record in records)
     expected = len(owner)
     return "\n".join(lines), {"goal": goal, "recorded": recorded, "expected": expected, "notes": notes}
@@ -193,14 +194,15 @@ def goal_lines(summary: dict) -> list[str]:
     out = ["\u2020 carried over from `experiments/results/beyond_sparsegpt.pinned.jsonl` (same protocol and run key, "
            "one thread).", "",
            f"Recorded: {summary['recorded']} of the {summary['expected']} runs of the four configs. Goal (issue 27): "
-           f"the best row at least 5% below the authors' ALPS at {', '.join(GOAL_COLUMNS)}:", ""]
-    for column, (ours, alps, change) in summary["goal"].items():
+           f"oneshot's best configuration (the best row but ALPS) at least 5% below the authors' ALPS at {', '.join(GOAL_COLUMNS)}:", ""]
+    for column, (ours, row, alps, change) in summary["goal"].items():
         if change is None:
-            out.append(f"- {column}: not measured yet (best {fmt(ours) or 'not recorded'}, "
+            out.append(f"- {column}: not measured yet (best other row {fmt(ours) or 'not recorded'}, "
                        f"ALPS {fmt(alps) or 'not recorded'})")
         else:
             verdict = "met" if change <= -0.05 else "not met"
-            out.append(f"- {column}: best {fmt(ours)} against ALPS {fmt(alps)}: {100 * change:+.1f}% ({verdict})")
+            out.append(f"- {column}: best other row, {row}, {fmt(ours)} against ALPS {fmt(alps)}: "
+                       f"{100 * change:+.1f}% ({verdict})")
     return out
 
 
