@@ -150,7 +150,7 @@ def _measured(plan: Plan, loaded, report, seqlen, timings: dict, calibration=Non
         **provenance(plan.device, plan.dtype, timings, spec.to_argv()),
         options=plan.method_options,
         allocation={"name": plan.allocation.name, "options": plan.allocation_options}, sequential=spec.sequential,
-        sparsity_target_per_layer=report.layer_target, lineage=plan.lineage, base=plan.base,
+        asymmetric=spec.asymmetric, sparsity_target_per_layer=report.layer_target, lineage=plan.lineage, base=plan.base,
         sparsity_block_weights=coverage.sparsity_block_weights, sparsity_model=coverage.sparsity_model,
         block_weights_in_pruned_layers=coverage.prunable_share,
         unpruned_block_weights={kind: dict(seen, share=seen["numel"] / coverage.block_numel)

@@ -95,6 +95,8 @@ def check_fields(spec: RunSpec) -> Fields:
     if spec.sequential and getattr(method, "stages", None) is not None:  # both replace the block's stage sequence
         raise UsageError(f"{spelled('sequential')} cannot be combined with {method.name}, which runs each block through "
                          "stages of its own (it prunes and optimises the whole block at once); leave it out")
+    if spec.asymmetric:
+        check_asymmetric(spec, method, pattern)
     allocation, method_options, allocation_options = allocations.check(spec, method, pattern)
     if pattern.is_structured:
         check_structured_spec(method, pattern, method_options, allocation.name, spec.checkpoint_dir, spelled)
@@ -109,6 +111,23 @@ def check_fields(spec: RunSpec) -> Fields:
         sparsity = 0.0
     grid, quant_method = check_quantize(spec, method, pattern)
     return Fields(prunes, method, method_options, allocation, allocation_options, pattern, sparsity, grid, quant_method)
+
+
+def check_asymmetric(spec: RunSpec, method, pattern) -> None:
+    """--asymmetric hands a reconstructing method another target weight, block by block (engine/asymmetric.py)."""
+    from .methods import METHODS
+
+    if pattern.is_structured or not getattr(method, "reconstructs", False):
+        takes = ", ".join(name for name, m in METHODS.items() if getattr(m, "reconstructs", False))
+        what = "a structured pattern" if pattern.is_structured else f"method {method.name}"
+        raise UsageError(f"{spelled('asymmetric')} changes the weight a layer reconstructs, and {what} does not "
+                         f"reconstruct one; it works with {takes}")
+    if spec.sequential:
+        raise UsageError(f"{spelled('asymmetric')} runs blocks whole, so it cannot be combined with "
+                         f"{spelled('sequential')}; choose one")
+    if spec.checkpoint_dir:
+        raise UsageError(f"{spelled('asymmetric')} carries the dense model's hidden states from block to block, "
+                         f"which a checkpoint does not keep; leave out {spelled('checkpoint_dir')}")
 
 
 def make_plan(spec: RunSpec) -> Plan:

@@ -83,6 +83,7 @@ class Record:
     options: dict = field(default_factory=dict)  # the method's options as given (defaults are not repeated)
     allocation: dict = field(default_factory=lambda: {"name": "uniform", "options": {}})
     sequential: bool = False  # sublayer-sequential calibration
+    asymmetric: bool = False  # each layer reconstructs the dense model's output (--asymmetric)
     sparsity_target_per_layer: dict = field(default_factory=dict)
     lineage: dict | None = None  # eval of a saved model: its oneshot.json
     # The dense model the weights come from (models.identity): a resolved path and fingerprint, a Hub id and

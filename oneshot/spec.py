@@ -180,6 +180,10 @@ class RunSpec:
         False, "sublayer-sequential calibration: each group of layers (q/k/v, o, gate/up, down) is pruned before "
         "calibration data passes through it; the block runs once", flag="--sequential", baseline=False,
         owner="engine")
+    asymmetric: bool = setting(
+        False, "asymmetric calibration: each layer reconstructs the dense model's output of that layer from the "
+        "pruned model's inputs (SparseGPT, ADMM, ALPS; block-at-once order)", flag="--asymmetric", baseline=False,
+        owner="engine")
     options: dict = setting(
         {}, "a method's or allocation's declared option, e.g. percdamp=0.1 (repeatable)", flag="--option",
         baseline=False, owner="pruning")

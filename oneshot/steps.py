@@ -125,7 +125,7 @@ def allocate(plan: Plan, model, ids) -> dict[str, float]:
 
 def prune(plan: Plan, model, targets, ids, checkpoint=None):
     """The engine's pass (or the structured driver's); returns its report."""
-    from .engine import SEQUENTIAL_STAGES, prune_model
+    from .engine import ASYMMETRIC_STAGES, SEQUENTIAL_STAGES, prune_model
 
     spec = plan.spec
     if plan.pattern.is_structured:
@@ -136,7 +136,7 @@ def prune(plan: Plan, model, targets, ids, checkpoint=None):
     return prune_model(model, plan.method, targets, plan.pattern, ids if plan.method.statistic else None,
                        device=plan.device, batch_size=spec.batch_size, options=plan.method_options,
                        progress=spec.progress, checkpoint=checkpoint,
-                       stages=SEQUENTIAL_STAGES if spec.sequential else None)  # None: the method's own, else the default
+                       stages=SEQUENTIAL_STAGES if spec.sequential else ASYMMETRIC_STAGES if spec.asymmetric else None)
 
 
 def prune_checkpoint(plan: Plan):

@@ -46,6 +46,7 @@ class _Recorder(nn.Module):
 class BlockInputs:
     hidden: list[torch.Tensor]  # the current block's input, one tensor per chunk
     calls: list[list[tuple]]  # calls[block][chunk] = (args, kwargs) the model passed that block
+    dense: list[torch.Tensor] | None = None  # --asymmetric: the dense model's input to the current block
 
 
 @torch.no_grad()

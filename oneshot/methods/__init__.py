@@ -49,6 +49,9 @@ class Method:
     # This method as a run's options need it (DSnoT gathers the Hessian only for base sparsegpt): (method, options)
     # -> Method, applied once per run (plan.py). None: as it is.
     configure: Optional[Callable] = None
+    # Its objective is the layer's output error tr((W - V) H (W - V)^T), H its statistic (Hessian): it may then be
+    # handed another weight to reconstruct (--asymmetric: the one that best gives the dense model's output).
+    reconstructs: bool = False
 
     def check_options(self, given: dict | None) -> dict:
         """The given options, typed; OptionError (one line naming the allowed ones) for anything else."""
@@ -72,12 +75,12 @@ METHODS = {
     "sparsegpt": Method(
         "sparsegpt", Hessian, sparsegpt_prune,
         "OBS reconstruction with the inverse Hessian, lazy block updates, adaptive masks",
-        prepare=prepare_hessian, options=SPARSEGPT_OPTIONS,
+        prepare=prepare_hessian, options=SPARSEGPT_OPTIONS, reconstructs=True,
     ),
     "admm": Method(
         "admm", Hessian, admm_prune,
         "ADMM layer reconstruction (Boza 2024; ALPS): ridge solves with the Hessian, mask phased in",
-        prepare=prepare_admm, options=ADMM_OPTIONS,
+        prepare=prepare_admm, options=ADMM_OPTIONS, reconstructs=True,
     ),
     "dsnot": Method(
         "dsnot", DSnoTStatistic, dsnot_prune,
@@ -88,7 +91,7 @@ METHODS = {
     "alps": Method(
         "alps", Hessian, alps_prune,
         "ALPS (Meng et al. 2024): ADMM with an adaptive penalty until the support settles, then a CG refit",
-        prepare=prepare_alps, options=ALPS_OPTIONS,
+        prepare=prepare_alps, options=ALPS_OPTIONS, reconstructs=True,
     ),
     "ria": Method(
         "ria", ActSqNorm, ria_prune,

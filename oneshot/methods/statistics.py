@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .masks import compute_dtype
+from .numerics import NumericsError
 
 
 def _as_rows(x: torch.Tensor, sequences: int | None) -> tuple[torch.Tensor, int]:
@@ -90,3 +91,61 @@ class ActSqNorm:
 
     def value(self) -> torch.Tensor:
         return self.sum / self.sequences
+
+
+class InputGap:
+    """G = (2/N) * sum over sequences of (X_dense - X) X^T: how the dense model's input to a layer differs from
+    the pruned model's input to it, token by token, against the pruned input (asymmetric calibration,
+    --asymmetric). Normalised as Hessian, so that H + G = (2/N) sum X_dense X^T; kept as the difference, which
+    is exactly 0 where both models feed the layer the same values, and does not lose the small gap to the
+    rounding of two large sums."""
+
+    def __init__(self, features: int, device, dtype: torch.dtype = torch.float32):
+        self.sum = torch.zeros(features, features, dtype=compute_dtype(dtype), device=device)
+        self.sequences = 0
+
+    def add(self, dense: torch.Tensor, pruned: torch.Tensor, sequences: int | None = None) -> None:
+        rows, sequences = _as_rows(pruned, sequences)
+        reference = dense.reshape(-1, dense.shape[-1])
+        if reference.shape != rows.shape:
+            raise ValueError(f"the dense and pruned inputs of a layer differ in shape: {tuple(reference.shape)} "
+                             f"against {tuple(rows.shape)}")
+        rows = rows.to(self.sum.dtype)
+        self.sum.addmm_((reference.to(self.sum.dtype) - rows).t(), rows)
+        self.sequences += sequences
+
+    def value(self) -> torch.Tensor:
+        return self.sum * (2.0 / self.sequences)
+
+
+def asymmetric_weight(weight: torch.Tensor, hessian: torch.Tensor, gap: torch.Tensor,
+                      percdamp: float = 0.01) -> torch.Tensor:
+    """The weight W* that best reproduces the dense model's layer output from the pruned model's inputs:
+    argmin over V of ||W X_dense - V X||^2 = W (X_dense X^T) H^-1 = W + W G H^-1, with H = X X^T and
+    G = (X_dense - X) X^T (as Hessian and InputGap hold them). Then ||W X_dense - V X||^2 =
+    ||W X_dense - W* X||^2 + tr((W* - V) H (W* - V)^T), so a method that minimises the second term for the
+    target W* (SparseGPT, ADMM, ALPS) minimises the first.
+
+    H is damped by percdamp * mean(diag H) in the correction only, and W* = W exactly when both models feed
+    the layer the same inputs (every layer of the first block)."""
+    compute = hessian.dtype
+    w = weight.to(compute)
+    difference = gap.to(compute)
+    if not bool(difference.any()):
+        return weight.clone()
+    dead = torch.diagonal(hessian) == 0  # an input the pruned model never feeds: no correction can use it
+    scale = torch.diagonal(hessian).mean().clamp_min(torch.finfo(compute).tiny)
+    for damp in (percdamp, 10 * percdamp, 100 * percdamp):  # rounding can leave H barely indefinite
+        damped = hessian.clone()
+        diagonal = torch.diagonal(damped)
+        diagonal += damp * scale
+        diagonal[dead] = 1.0
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if not int(info):
+            break
+    else:
+        raise NumericsError("asymmetric calibration: a layer's input Hessian is not positive-definite even "
+                            f"damped by {100 * percdamp:g} x its mean diagonal")
+    # W G H^-1 = (H^-1 (W G)^T)^T, H symmetric: one Cholesky solve for every output row.
+    correction = torch.cholesky_solve((w @ difference).t(), factor).t()
+    return (w + correction).to(weight.dtype)

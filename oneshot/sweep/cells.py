@@ -92,6 +92,8 @@ def method_label(record: dict) -> str:
     extras = [str(name)] if name and name != "uniform" else []
     if record.get("sequential"):
         extras.append("sequential")
+    if record.get("asymmetric"):
+        extras.append("asymmetric")
     bos = ((record.get("settings") or {}).get("eval") or {}).get("bos")
     if bos is not None:  # set by hand, not left to the family: say which way (experiments/eval_bos.yaml)
         extras.append("BOS per window" if bos else "no BOS")
