@@ -122,9 +122,9 @@ def check_asymmetric(spec: RunSpec, method, pattern) -> None:
         what = "a structured pattern" if pattern.is_structured else f"method {method.name}"
         raise UsageError(f"{spelled('asymmetric')} changes the weight a layer reconstructs, and {what} does not "
                          f"reconstruct one; it works with {takes}")
-    if spec.sequential:
-        raise UsageError(f"{spelled('asymmetric')} runs blocks whole, so it cannot be combined with "
-                         f"{spelled('sequential')}; choose one")
+    if not spec.sequential:
+        raise UsageError(f"{spelled('asymmetric')} corrects each layer for the error of the layers before it, "
+                         f"so those must already be pruned when it is calibrated: add {spelled('sequential')}")
     if spec.checkpoint_dir:
         raise UsageError(f"{spelled('asymmetric')} carries the dense model's hidden states from block to block, "
                          f"which a checkpoint does not keep; leave out {spelled('checkpoint_dir')}")

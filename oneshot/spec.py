@@ -182,7 +182,7 @@ class RunSpec:
         owner="engine")
     asymmetric: bool = setting(
         False, "asymmetric calibration: each layer reconstructs the dense model's output of that layer from the "
-        "pruned model's inputs (SparseGPT, ADMM, ALPS; block-at-once order)", flag="--asymmetric", baseline=False,
+        "pruned model's inputs (SparseGPT, ADMM, ALPS; with --sequential)", flag="--asymmetric", baseline=False,
         owner="engine")
     options: dict = setting(
         {}, "a method's or allocation's declared option, e.g. percdamp=0.1 (repeatable)", flag="--option",

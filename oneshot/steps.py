@@ -136,7 +136,7 @@ def prune(plan: Plan, model, targets, ids, checkpoint=None):
     return prune_model(model, plan.method, targets, plan.pattern, ids if plan.method.statistic else None,
                        device=plan.device, batch_size=spec.batch_size, options=plan.method_options,
                        progress=spec.progress, checkpoint=checkpoint,
-                       stages=SEQUENTIAL_STAGES if spec.sequential else ASYMMETRIC_STAGES if spec.asymmetric else None)
+                       stages=ASYMMETRIC_STAGES if spec.asymmetric else SEQUENTIAL_STAGES if spec.sequential else None)
 
 
 def prune_checkpoint(plan: Plan):

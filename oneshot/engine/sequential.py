@@ -18,8 +18,10 @@ import threading
 
 import torch
 
+from ..errors import UsageError
 from ..methods.numerics import NumericsError
-from ..models import routed_through_projections
+from ..methods.statistics import InputGap, asymmetric_weight
+from ..models import get_weight, routed_through_projections, set_weight
 from ..settings import spelled
 from .capture import Caught, forward_block, store
 from .stages import BlockVisit, check_finite, prune_layers
@@ -113,7 +115,7 @@ class _Chunk(threading.Thread):
             raise self.error
 
 
-def sublayer_sequential(visit: BlockVisit) -> None:
+def sublayer_sequential(visit: BlockVisit, asymmetric: bool = False) -> None:
     """A stage that replaces gather_statistics -> prune_layers -> propagate for one block."""
     if visit.inputs is None or visit.method.statistic is None:  # nothing to calibrate: prune as usual
         prune_layers(visit)
@@ -121,14 +123,47 @@ def sublayer_sequential(visit: BlockVisit) -> None:
     # Fused experts run expert by expert through their projection layers, so that the hooks see
     # exactly the tokens routed to each expert (as in gather_statistics).
     with routed_through_projections(visit.layers.values()):
-        _sublayer_sequential(visit)
+        _sublayer_sequential(visit, asymmetric)
 
 
-def _sublayer_sequential(visit: BlockVisit) -> None:
+def asymmetric_sequential(visit: BlockVisit) -> None:
+    """sublayer_sequential, each group reconstructing the dense model's output of its layers (--asymmetric)."""
+    if any(".experts." in name for name in visit.layers):
+        raise UsageError(f"{spelled('asymmetric')}: block {visit.index} routes tokens to experts, and the dense "
+                         "and pruned models may route a token differently, so their inputs to an expert do not "
+                         "pair up; leave it out for mixture-of-experts models")
+    sublayer_sequential(visit, asymmetric=True)
+
+
+def _dense_pass(visit: BlockVisit, firsts: list[str]) -> list[list[torch.Tensor]]:
+    """--asymmetric: run the block as it is (not yet pruned) on the dense model's inputs, chunk by chunk;
+    keep each group's input ([chunk][group]) and advance the dense stream to the block's dense output."""
+    inputs, device = visit.inputs, visit.device
+    if inputs.dense is None:  # the first block pruned: both models feed it the same inputs
+        inputs.dense = list(inputs.hidden)
+    offload = inputs.hidden[0].device.type == "cpu" and device.type == "cuda"
+    kept, outputs = [], []
+    for dense, call in zip(inputs.dense, inputs.calls[visit.index]):
+        seen: dict[str, torch.Tensor] = {}
+        handles = [visit.layers[name].register_forward_pre_hook(
+            lambda _m, args, name=name: seen.setdefault(name, args[0].detach())) for name in firsts]
+        try:
+            outputs.append(store(forward_block(visit.block, dense, call, device), offload))
+        finally:
+            for handle in handles:
+                handle.remove()
+        kept.append([seen[name] for name in firsts])
+    inputs.dense = outputs
+    return kept
+
+
+def _sublayer_sequential(visit: BlockVisit, asymmetric: bool = False) -> None:
     groups = _groups(visit)
     first_of = {group[0]: g for g, group in enumerate(groups)}
     statistic, device = visit.method.statistic, visit.device
     accumulators = [None] * len(groups)
+    gaps = [None] * len(groups)  # --asymmetric: InputGap per group
+    dense_inputs = _dense_pass(visit, [group[0] for group in groups]) if asymmetric else None
     finite = [True] * len(groups)
     calls = visit.inputs.calls[visit.index]
     chunks = []
@@ -140,15 +175,20 @@ def _sublayer_sequential(visit: BlockVisit) -> None:
             x = args[0]
             if accumulators[g] is None:
                 accumulators[g] = statistic(x.shape[-1], device, x.dtype)
-            accumulators[g].add(x, sequences[threading.current_thread()])
+                if asymmetric:
+                    gaps[g] = InputGap(x.shape[-1], device, x.dtype)
+            chunk = threading.current_thread()
+            accumulators[g].add(x, sequences[chunk])
+            if asymmetric:
+                gaps[g].add(dense_inputs[index_of[chunk]][g], x, sequences[chunk])
             finite[g] = finite[g] & torch.isfinite(x).all()
-            threading.current_thread().pause()
+            chunk.pause()
         return fn
 
-    sequences = {}
+    sequences, index_of = {}, {}
     for hidden, call in zip(visit.inputs.hidden, calls):
         chunk = _Chunk(lambda hidden=hidden, call=call: forward_block(visit.block, hidden, call, device))
-        sequences[chunk] = hidden.shape[0]
+        sequences[chunk], index_of[chunk] = hidden.shape[0], len(chunks)
         chunks.append(chunk)
     handles = [visit.layers[name].register_forward_pre_hook(hook(name)) for name in first_of]
     try:
@@ -163,6 +203,13 @@ def _sublayer_sequential(visit: BlockVisit) -> None:
                                     f"the model's weights and {spelled('dtype')}")
             for name in group:
                 visit.stats[name] = accumulators[g]
+            if asymmetric:  # the weight whose pruning reconstructs the dense output: W* = W + W G H^-1
+                hessian, gap = accumulators[g].value(), gaps[g].value()
+                for name in group:
+                    layer = visit.layers[name]
+                    set_weight(layer, asymmetric_weight(get_weight(layer), hessian, gap,
+                                                        visit.options.get("percdamp", 0.01)))
+                gaps[g] = None
             prune_layers(visit, group)
             accumulators[g] = None
         visit.on_phase("forward")
@@ -178,3 +225,4 @@ def _sublayer_sequential(visit: BlockVisit) -> None:
 
 
 SEQUENTIAL_STAGES = (sublayer_sequential,)
+ASYMMETRIC_STAGES = (asymmetric_sequential,)
