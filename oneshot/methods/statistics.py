@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .masks import compute_dtype
-from .numerics import NumericsError
+from .numerics import escalating_damping
 
 
 def _as_rows(x: torch.Tensor, sequences: int | None) -> tuple[torch.Tensor, int]:
@@ -135,17 +135,16 @@ def asymmetric_weight(weight: torch.Tensor, hessian: torch.Tensor, gap: torch.Te
         return weight.clone()
     dead = torch.diagonal(hessian) == 0  # an input the pruned model never feeds: no correction can use it
     scale = torch.diagonal(hessian).mean().clamp_min(torch.finfo(compute).tiny)
-    for damp in (percdamp, 10 * percdamp, 100 * percdamp):  # rounding can leave H barely indefinite
+
+    def attempt(damp):  # rounding can leave H barely indefinite: the shared escalation raises the damping
         damped = hessian.clone()
         diagonal = torch.diagonal(damped)
         diagonal += damp * scale
         diagonal[dead] = 1.0
         factor, info = torch.linalg.cholesky_ex(damped)
-        if not int(info):
-            break
-    else:
-        raise NumericsError("asymmetric calibration: a layer's input Hessian is not positive-definite even "
-                            f"damped by {100 * percdamp:g} x its mean diagonal")
+        return None if int(info) else factor
+
+    factor, _ = escalating_damping(percdamp, 10.0, attempt)
     # W G H^-1 = (H^-1 (W G)^T)^T, H symmetric: one Cholesky solve for every output row.
     correction = torch.cholesky_solve((w @ difference).t(), factor).t()
     return (w + correction).to(weight.dtype)
