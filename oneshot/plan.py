@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import UsageError
-from .settings import check_values, spelled
+from .settings import check_values, entry, spelled
 from .spec import KINDS, RunSpec
 
 
@@ -97,6 +97,7 @@ def check_fields(spec: RunSpec) -> Fields:
                          "stages of its own (it prunes and optimises the whole block at once); leave it out")
     if spec.asymmetric:
         check_asymmetric(spec, method, pattern)
+    check_refit(spec)
     allocation, method_options, allocation_options = allocations.check(spec, method, pattern)
     if pattern.is_structured:
         check_structured_spec(method, pattern, method_options, allocation.name, spec.checkpoint_dir, spelled)
@@ -128,6 +129,31 @@ def check_asymmetric(spec: RunSpec, method, pattern) -> None:
     if spec.checkpoint_dir:
         raise UsageError(f"{spelled('asymmetric')} carries the dense model's hidden states from block to block, "
                          f"which a checkpoint does not keep; leave out {spelled('checkpoint_dir')}")
+
+
+def check_refit(spec: RunSpec) -> None:
+    """--refit runs inside the sublayer-sequential stage, after a block's groups are pruned (engine/refit.py)."""
+    if not spec.refit:
+        if spec.refit_lr != entry("refit_lr").default:
+            raise UsageError(f"{spelled('refit_lr')} sets the learning rate of {spelled('refit')}, which is off: "
+                             f"add {spelled('refit')} PASSES or leave it out")
+        return
+    if not spec.sequential:
+        raise UsageError(f"{spelled('refit')} fits each pruned block inside the sublayer-sequential pass: add "
+                         f"{spelled('sequential')}")
+    if spec.quantize:
+        raise UsageError(f"{spelled('refit')} moves the kept weights off the quantisation grid; leave out "
+                         f"{spelled('quantize')} or {spelled('refit')}")
+
+
+def check_dense_blocks(spec: RunSpec, skeleton) -> None:
+    """--asymmetric and --refit pair the dense and pruned models' tokens, which routing to experts breaks."""
+    from .engine.sequential import experts_refused
+
+    moe = next((name for name, _ in skeleton.named_modules() if name.endswith(".experts")), None)
+    if moe is not None:
+        setting = "asymmetric" if spec.asymmetric else "refit"
+        raise UsageError(experts_refused(setting, f"{spec.model} ({moe.rsplit('.experts', 1)[0]})"))
 
 
 def make_plan(spec: RunSpec) -> Plan:
@@ -162,6 +188,8 @@ def make_plan(spec: RunSpec) -> Plan:
         teacher = check_recovery_inputs(spec, saved, base)
     if spec.resume:
         check_resume(spec.checkpoint_dir, checkpoint_fingerprint(spec, source, dtype), spelled("checkpoint_dir"))
+    if spec.asymmetric or spec.refit:
+        check_dense_blocks(spec, model_skeleton(spec.model))
     if fields.pattern.is_structured or fields.grid is not None or spec.format != "hf":
         skeleton = model_skeleton(spec.model)
         if fields.pattern.is_structured:

@@ -184,6 +184,14 @@ class RunSpec:
         False, "asymmetric calibration: each layer reconstructs the dense model's output of that layer from the "
         "pruned model's inputs (SparseGPT, ADMM, ALPS; with --sequential)", flag="--asymmetric", baseline=False,
         owner="engine")
+    refit: int = setting(
+        0, "block refit: once a block is pruned, this many passes of Adam over the calibration sequences fit its "
+        "kept weights to the block's dense output (with --asymmetric: the dense model's); the mask stays "
+        "(with --sequential; 0: none)", flag="--refit", minimum=0, maximum=1000, baseline=False, owner="engine",
+        metavar="PASSES")
+    refit_lr: float = setting(
+        1e-5, "Adam's learning rate for --refit", flag="--refit-lr", above=0, maximum=1, baseline=False,
+        owner="engine", metavar="LR")
     options: dict = setting(
         {}, "a method's or allocation's declared option, e.g. percdamp=0.1 (repeatable)", flag="--option",
         baseline=False, owner="pruning")

@@ -125,7 +125,7 @@ def allocate(plan: Plan, model, ids) -> dict[str, float]:
 
 def prune(plan: Plan, model, targets, ids, checkpoint=None):
     """The engine's pass (or the structured driver's); returns its report."""
-    from .engine import ASYMMETRIC_STAGES, SEQUENTIAL_STAGES, prune_model
+    from .engine import Refit, prune_model, sequential_stages
 
     spec = plan.spec
     if plan.pattern.is_structured:
@@ -136,7 +136,8 @@ def prune(plan: Plan, model, targets, ids, checkpoint=None):
     return prune_model(model, plan.method, targets, plan.pattern, ids if plan.method.statistic else None,
                        device=plan.device, batch_size=spec.batch_size, options=plan.method_options,
                        progress=spec.progress, checkpoint=checkpoint,
-                       stages=ASYMMETRIC_STAGES if spec.asymmetric else SEQUENTIAL_STAGES if spec.sequential else None)
+                       stages=sequential_stages(spec.asymmetric, Refit(spec.refit, spec.refit_lr, spec.seed))
+                       if spec.sequential else None)
 
 
 def prune_checkpoint(plan: Plan):

@@ -11,6 +11,8 @@ the group is pruned and the chunks go on. Only one chunk computes at any moment 
 the device sees the same work as one plain forward of the calibration set; at the end each chunk's
 output, computed with every layer already pruned, is the next block's input. No family needs code of
 its own: the groups are found by watching which layers read the same tensor on one chunk first.
+With --refit, the pruned block's kept weights are then fitted to its target output (engine/refit.py)
+before its outputs go on.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..methods.statistics import InputGap, asymmetric_weight
 from ..models import get_weight, routed_through_projections, set_weight
 from ..settings import spelled
 from .capture import Caught, forward_block, store
+from .refit import Refit, refit_block
 from .stages import BlockVisit, check_finite, prune_layers
 
 # Grouping is a property of a block's forward code, so blocks of one class with the same layers share it:
@@ -115,24 +118,45 @@ class _Chunk(threading.Thread):
             raise self.error
 
 
-def sublayer_sequential(visit: BlockVisit, asymmetric: bool = False) -> None:
+def experts_refused(setting: str, where: str) -> str:
+    """Why --asymmetric and --refit leave mixture-of-experts blocks alone (the plan says it before loading)."""
+    why = ("the dense and pruned models may route a token differently, so their inputs to an expert do not "
+           "pair up") if setting == "asymmetric" else "a refit would train through the router's choices"
+    return f"{spelled(setting)}: {where} routes tokens to experts, and {why}; leave it out for mixture-of-experts models"
+
+
+def sublayer_sequential(visit: BlockVisit, asymmetric: bool = False, refit: Refit | None = None) -> None:
     """A stage that replaces gather_statistics -> prune_layers -> propagate for one block."""
     if visit.inputs is None or visit.method.statistic is None:  # nothing to calibrate: prune as usual
         prune_layers(visit)
         return
+    if refit is not None and any(".experts." in name for name in visit.layers):
+        raise UsageError(experts_refused("refit", f"block {visit.index}"))
     # Fused experts run expert by expert through their projection layers, so that the hooks see
     # exactly the tokens routed to each expert (as in gather_statistics).
     with routed_through_projections(visit.layers.values()):
-        _sublayer_sequential(visit, asymmetric)
+        _sublayer_sequential(visit, asymmetric, refit)
 
 
-def asymmetric_sequential(visit: BlockVisit) -> None:
+def asymmetric_sequential(visit: BlockVisit, refit: Refit | None = None) -> None:
     """sublayer_sequential, each group reconstructing the dense model's output of its layers (--asymmetric)."""
     if any(".experts." in name for name in visit.layers):
-        raise UsageError(f"{spelled('asymmetric')}: block {visit.index} routes tokens to experts, and the dense "
-                         "and pruned models may route a token differently, so their inputs to an expert do not "
-                         "pair up; leave it out for mixture-of-experts models")
-    sublayer_sequential(visit, asymmetric=True)
+        raise UsageError(experts_refused("asymmetric", f"block {visit.index}"))
+    sublayer_sequential(visit, asymmetric=True, refit=refit)
+
+
+def sequential_stages(asymmetric: bool = False, refit: Refit | None = None) -> tuple:
+    """The stage sequence of --sequential (with --asymmetric, --refit): one stage, named by what it does
+    (a checkpoint's fingerprint keeps the name, so a resumed run continues only the same refit)."""
+    stage = asymmetric_sequential if asymmetric else sublayer_sequential
+    if refit is None or refit.epochs == 0:
+        return (stage,)
+
+    def refitting(visit: BlockVisit) -> None:
+        stage(visit, refit=refit)
+
+    refitting.__name__ = f"{stage.__name__}+refit(epochs={refit.epochs},lr={refit.lr!r},seed={refit.seed})"
+    return (refitting,)
 
 
 def _dense_pass(visit: BlockVisit, firsts: list[str]) -> list[list[torch.Tensor]]:
@@ -157,15 +181,21 @@ def _dense_pass(visit: BlockVisit, firsts: list[str]) -> list[list[torch.Tensor]
     return kept
 
 
-def _sublayer_sequential(visit: BlockVisit, asymmetric: bool = False) -> None:
+def _sublayer_sequential(visit: BlockVisit, asymmetric: bool, refit: Refit | None) -> None:
     groups = _groups(visit)
     first_of = {group[0]: g for g, group in enumerate(groups)}
     statistic, device = visit.method.statistic, visit.device
     accumulators = [None] * len(groups)
     gaps = [None] * len(groups)  # --asymmetric: InputGap per group
     dense_inputs = _dense_pass(visit, [group[0] for group in groups]) if asymmetric else None
-    finite = [True] * len(groups)
     calls = visit.inputs.calls[visit.index]
+    offload = visit.inputs.hidden[0].device.type == "cpu" and device.type == "cuda"
+    # --refit's target: the dense model's output of this block (--asymmetric: _dense_pass has advanced the
+    # dense stream to it), else the unpruned block's output on the same inputs
+    targets = None if refit is None else visit.inputs.dense if asymmetric else \
+        [store(forward_block(visit.block, hidden, call, device), offload)
+         for hidden, call in zip(visit.inputs.hidden, calls)]
+    finite = [True] * len(groups)
     chunks = []
 
     def hook(name):
@@ -218,11 +248,17 @@ def _sublayer_sequential(visit: BlockVisit, asymmetric: bool = False) -> None:
     finally:
         for handle in handles:
             handle.remove()
+    outputs = [chunk.result for chunk in chunks]
+    if refit is not None:
+        refit_block(visit, targets, refit)
+        visit.on_phase("forward")
+        with torch.no_grad():
+            outputs = [] if visit.last else [forward_block(visit.block, hidden, call, device)
+                                               for hidden, call in zip(visit.inputs.hidden, calls)]
     if not visit.last:
-        offload = visit.inputs.hidden[0].device.type == "cpu" and device.type == "cuda"
-        visit.inputs.hidden = [store(chunk.result, offload) for chunk in chunks]
+        visit.inputs.hidden = [store(output, offload) for output in outputs]
         check_finite(visit.inputs.hidden, f"the outputs of block {visit.index} after pruning")
 
 
-SEQUENTIAL_STAGES = (sublayer_sequential,)
-ASYMMETRIC_STAGES = (asymmetric_sequential,)
+SEQUENTIAL_STAGES = sequential_stages()
+ASYMMETRIC_STAGES = sequential_stages(asymmetric=True)

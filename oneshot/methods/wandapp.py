@@ -49,7 +49,6 @@ forward callable; the stages at the bottom are thin wrappers over the engine's B
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
@@ -60,6 +59,7 @@ from .magnitude import magnitude_mask
 from .masks import Pattern, PruneResult, compute_dtype, nm_mask, row_mask
 from .options import Option, defaults
 from .wanda import wanda_scores
+from .masked_fit import regional_optimise
 
 log = logging.getLogger("oneshot")
 
@@ -132,35 +132,6 @@ def regional_gradients(forward: Callable, samples: Iterable, params: Sequence[to
     return [total.div_(count).sqrt_() for total in sums]
 
 
-def regional_optimise(forward: Callable, pairs: Iterable, params: Sequence[torch.Tensor],
-                      pruned: Sequence[torch.Tensor], optimiser: torch.optim.Optimizer,
-                      update: str = "kept") -> list[float]:
-    """One optimiser step per (input, target) pair on sum((forward(input) - target)^2), moving only `params`.
-
-    `pruned[i]` (bool, shaped like params[i]) marks weights that must stay 0: with update "kept" they get
-    no gradient and are set to 0 again after every step (exactly 0 throughout); with "all" every weight
-    moves and the caller prunes again. Returns each step's loss (before its step)."""
-    if update not in ("kept", "all"):
-        raise ValueError(f"update must be 'kept' or 'all', not {update!r}")
-    losses = []
-    with torch.enable_grad():
-        for x, target in pairs:
-            out = forward(x)
-            dtype = compute_dtype(out.dtype)
-            loss = (out.to(dtype) - target.to(out.device, dtype)).pow(2).sum()
-            grads = torch.autograd.grad(loss, params)
-            for p, grad, mask in zip(params, grads, pruned):
-                p.grad = grad.masked_fill(mask, 0) if update == "kept" else grad
-            optimiser.step()
-            with torch.no_grad():
-                for p, mask in zip(params, pruned):
-                    p.grad = None
-                    if update == "kept":
-                        p.masked_fill_(mask, 0)
-            losses.append(loss.detach())
-    return [float(v) for v in losses]  # one host sync, at the end
-
-
 def draw_orders(count: int, rounds: int, per_round: int, seed: int, block: int) -> list[list[int]]:
     """Which calibration sequences each round uses, in order: `per_round` of `count` without replacement
     (all of them if fewer), from a generator seeded by (seed, block)."""
@@ -179,71 +150,10 @@ def _options(visit) -> dict:
     return {**defaults(WANDAPP_OPTIONS), **visit.options}
 
 
-def _sequences(visit) -> list[tuple[int, int]]:
-    """(chunk, row) of every calibration sequence, in order."""
-    return [(c, i) for c, hidden in enumerate(visit.inputs.hidden) for i in range(hidden.shape[0])]
+def _region():
+    from ..engine import region  # the engine imports the methods: the block's helpers come in lazily
 
-
-def _one_sequence(value, row: int, batch: int, dtype):
-    """A block call's argument for one sequence of a chunk of `batch`: tensors of two or more dimensions
-    whose first is the batch are sliced (position ids, rotary tables and masks shared across the batch
-    have a first dimension of 1 and stay whole); floating tensors are cast to `dtype`."""
-    if isinstance(value, torch.Tensor):
-        if batch > 1 and value.dim() >= 2 and value.shape[0] == batch:
-            value = value[row:row + 1]
-        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
-    if isinstance(value, tuple):
-        items = [_one_sequence(v, row, batch, dtype) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, list):
-        return [_one_sequence(v, row, batch, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: _one_sequence(v, row, batch, dtype) for k, v in value.items()}
-    return value
-
-
-def _sample(visit, chunk: int, row: int, dtype):
-    hidden = visit.inputs.hidden[chunk]
-    args, kwargs = visit.inputs.calls[visit.index][chunk]
-    batch = hidden.shape[0]
-    call = (_one_sequence(tuple(args), row, batch, dtype), _one_sequence(dict(kwargs), row, batch, dtype))
-    return hidden[row:row + 1].to(visit.device, dtype), call
-
-
-def _forward(visit):
-    from ..engine.capture import forward_block
-
-    return lambda sample: forward_block(visit.block, sample[0], sample[1], visit.device)
-
-
-def _parameters(visit) -> list:
-    """The distinct parameters the block's prunable weights live in (a fused experts tensor once)."""
-    from ..models import layer_parameter
-
-    return list({id(p): p for p in (layer_parameter(layer) for layer in visit.layers.values())}.values())
-
-
-@contextlib.contextmanager
-def _trainable(block, params, dtype):
-    """Only `params` require grad, and every parameter of the block is in `dtype`; restored on exit."""
-    saved = [(p, p.requires_grad, p.dtype) for p in block.parameters()]
-    try:
-        for p, _flag, original in saved:
-            p.requires_grad_(False)
-            if p.is_floating_point() and original != dtype:
-                p.data = p.data.to(dtype)
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag, original in saved:
-            p.requires_grad_(flag)
-            if p.dtype != original:
-                p.data = p.data.to(original)
-
-
-def _compute_dtype(visit) -> torch.dtype:
-    return compute_dtype(next(visit.block.parameters()).dtype)
+    return region
 
 
 def _needs_rounds(visit) -> bool:
@@ -275,10 +185,11 @@ def regional_gradient_pass(visit) -> None:
     if visit.inputs is None or _options(visit)["alpha"] == 0:
         return
     visit.on_phase("regional gradients")
-    params, dtype = _parameters(visit), _compute_dtype(visit)
-    with _trainable(visit.block, params, dtype):
-        samples = (_sample(visit, c, i, dtype) for c, i in _sequences(visit))
-        gradients = regional_gradients(_forward(visit), samples, params)
+    region = _region()
+    params, dtype = region.prunable_parameters(visit), region.region_dtype(visit)
+    with region.trainable(visit.block, params, dtype):
+        samples = (region.sample(visit, c, i, dtype) for c, i in region.sequences(visit))
+        gradients = regional_gradients(region.region_forward(visit), samples, params)
     by_parameter = {id(p): g for p, g in zip(params, gradients)}
     from ..models import layer_parameter, weight_matrix
 
@@ -338,11 +249,12 @@ def prune_and_optimise(visit) -> None:
             visit.stats[name] = _WithGradient(visit.stats[name], gradients.get(name))
     if _needs_rounds(visit):
         dense = visit.scratch.pop(_DENSE)
-        params, dtype = _parameters(visit), _compute_dtype(visit)
-        sequences = _sequences(visit)
+        region = _region()
+        params, dtype = region.prunable_parameters(visit), region.region_dtype(visit)
+        sequences = region.sequences(visit)
         orders = draw_orders(len(sequences), options["rounds"], options["ro_samples"], options["ro_seed"],
                              visit.index)
-        with _trainable(visit.block, params, dtype):
+        with region.trainable(visit.block, params, dtype):
             optimiser = torch.optim.RMSprop(params, lr=options["ro_lr"])
             values: dict = {}
             first = last = None
@@ -352,8 +264,8 @@ def prune_and_optimise(visit) -> None:
                 pruned = {id(p): torch.zeros_like(p, dtype=torch.bool) for p in params}
                 for name, layer in visit.layers.items():
                     weight_matrix(layer, pruned[id(layer_parameter(layer))]).copy_(masks[name])
-                pairs = ((_sample(visit, c, i, dtype), dense[c][i:i + 1]) for c, i in (sequences[n] for n in order))
-                losses = regional_optimise(_forward(visit), pairs, params, [pruned[id(p)] for p in params],
+                pairs = ((region.sample(visit, c, i, dtype), dense[c][i:i + 1]) for c, i in (sequences[n] for n in order))
+                losses = regional_optimise(region.region_forward(visit), pairs, params, [pruned[id(p)] for p in params],
                                            optimiser, options["ro_update"])
                 first = losses[0] if first is None else first
                 last = losses[-1]

@@ -94,7 +94,10 @@ def method_label(record: dict) -> str:
         extras.append("sequential")
     if record.get("asymmetric"):
         extras.append("asymmetric")
-    bos = ((record.get("settings") or {}).get("eval") or {}).get("bos")
+    settings = record.get("settings") or {}
+    if settings.get("refit"):
+        extras.append(f"refit {settings['refit']}" + (f" lr {settings['refit_lr']:g}" if "refit_lr" in settings else ""))
+    bos = (settings.get("eval") or {}).get("bos")
     if bos is not None:  # set by hand, not left to the family: say which way (experiments/eval_bos.yaml)
         extras.append("BOS per window" if bos else "no BOS")
     options = record.get("options")
