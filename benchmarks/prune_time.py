@@ -6,7 +6,7 @@ record's `timings.prune_s` (an allocation's own pass, such as OWL's, included).
         --variants sparsegpt,admm+owl+sequential --rounds 1
 
 A variant is a method with optional options in brackets (`dsnot[base=sparsegpt]`, `alps[rho=0.1;iterations=300]`),
-`+owl` (allocation), `+sequential` and `+asymmetric`. Prints a table with each
+`+owl` (allocation), `+sequential`, `+asymmetric`, `+refit N` and `+refit lr LR`. Prints a table with each
 variant's median time and its ratio to the first variant's, and appends one JSON line per run to
 --results.
 """
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from oneshot import RunSpec, run  # noqa: E402
 from oneshot.models import load_model  # noqa: E402
 from oneshot.record import versions  # noqa: E402
+from oneshot.settings import entry  # noqa: E402
 from oneshot.spec import Calibration, Evaluation  # noqa: E402
 
 
@@ -35,14 +36,20 @@ def variant_spec(variant: str, args) -> RunSpec:
     method, *extras = variant.split("+")
     method, _, given = method.partition("[")  # dsnot[base=sparsegpt]: the method's options, KEY=VALUE;...
     options = dict(item.split("=", 1) for item in given.rstrip("]").split(";") if item)
+    refit = {"refit": 0, "refit_lr": entry("refit_lr").default}  # "+refit 2", "+refit lr 1e-05": as rows say
+    for extra in [e for e in extras if e.startswith("refit ")]:
+        name, value = extra.rsplit(" ", 1)
+        refit[name.replace(" ", "_")] = int(value) if name == "refit" else float(value)
+        extras.remove(extra)
     unknown = set(extras) - {"owl", "sequential", "asymmetric"}
     if unknown:
         raise SystemExit(f"--variants: {variant!r}: unknown part(s) {sorted(unknown)}; use "
-                         "METHOD[KEY=VALUE;...][+owl][+sequential][+asymmetric]")
+                         "METHOD[KEY=VALUE;...][+owl][+sequential][+asymmetric][+refit N][+refit lr LR]")
     return RunSpec(model=args.model, method=method, options=options,
                    sparsity=None if ":" in args.pattern else args.sparsity,
                    pattern=args.pattern, allocation="owl" if "owl" in extras else "uniform",
-                   sequential="sequential" in extras, asymmetric="asymmetric" in extras, calibration=Calibration("wiki-offline", args.nsamples, args.seqlen),
+                   sequential="sequential" in extras, asymmetric="asymmetric" in extras, **refit,
+                   calibration=Calibration("wiki-offline", args.nsamples, args.seqlen),
                    eval=Evaluation(ppl=()), seed=args.seed, device=args.device, dtype="float32", progress=False)
 
 

@@ -190,7 +190,8 @@ class RunSpec:
         "(with --sequential; 0: none)", flag="--refit", minimum=0, maximum=1000, baseline=False, owner="engine",
         metavar="PASSES")
     refit_lr: float = setting(
-        1e-5, "Adam's learning rate for --refit", flag="--refit-lr", above=0, maximum=1, baseline=False,
+        1e-3, "Adam's learning rate for --refit (chosen on held-out text: benchmarks/refit_validation.py)",
+        flag="--refit-lr", above=0, maximum=1, baseline=False,
         owner="engine", metavar="LR")
     options: dict = setting(
         {}, "a method's or allocation's declared option, e.g. percdamp=0.1 (repeatable)", flag="--option",

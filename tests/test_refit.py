@@ -84,7 +84,7 @@ def test_the_cli_records_it_and_a_report_row_names_it(tmp_path, capsys):
     record = json.loads((tmp_path / "o" / "result.json").read_text())
     assert record["settings"]["refit"] == 2 and record["settings"]["refit_lr"] == 3e-5
     assert "--refit" in record["command"]
-    assert method_label(record) == "sparsegpt (sequential, refit 2 lr 3e-05)"
+    assert method_label(record) == "sparsegpt (sequential, refit 2, refit lr 3e-05)"
 
 
 @pytest.mark.parametrize("extra, says", [

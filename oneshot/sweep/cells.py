@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from ..settings import entry
 from ..spec import STRUCTURED_PATTERNS as STRUCTURED_ORDER
 from .store import numbered_records
 
@@ -83,6 +84,9 @@ def record_problem(record: dict) -> str | None:
     return None
 
 
+REFIT_LR = entry("refit_lr").default
+
+
 def method_label(record: dict) -> str:
     """The method as a row names it: with its allocation, calibration order and options when they are
     not the defaults ("sparsegpt (owl)", "admm (owl, sequential)"), so such runs get rows of their own."""
@@ -96,7 +100,9 @@ def method_label(record: dict) -> str:
         extras.append("asymmetric")
     settings = record.get("settings") or {}
     if settings.get("refit"):
-        extras.append(f"refit {settings['refit']}" + (f" lr {settings['refit_lr']:g}" if "refit_lr" in settings else ""))
+        extras.append(f"refit {settings['refit']}")
+        if settings.get("refit_lr", REFIT_LR) != REFIT_LR:
+            extras.append(f"refit lr {settings['refit_lr']:g}")
     bos = (settings.get("eval") or {}).get("bos")
     if bos is not None:  # set by hand, not left to the family: say which way (experiments/eval_bos.yaml)
         extras.append("BOS per window" if bos else "no BOS")
