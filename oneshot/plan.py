@@ -115,7 +115,7 @@ def check_fields(spec: RunSpec) -> Fields:
 
 
 def check_asymmetric(spec: RunSpec, method, pattern) -> None:
-    """--asymmetric hands a reconstructing method another target weight, block by block (engine/asymmetric.py)."""
+    """--asymmetric hands a reconstructing method another target weight, block by block (engine/sequential.py)."""
     from .methods import METHODS
 
     if pattern.is_structured or not getattr(method, "reconstructs", False):
