@@ -93,11 +93,12 @@ def prune_ratios(path: Path) -> dict[str, float]:
         for line in path.read_text().splitlines():
             r = json.loads(line)
             if r.get("benchmark") == "prune_time" and r.get("setting") == TIME_SETTING and r.get("seqlen") == 1024:
-                runs.setdefault(r["command"] + r["date"], {})[r["variant"]] = sorted(r["prune_s"])
+                # older runs wrote a line per variant with every round; newer ones a line per run
+                runs.setdefault(r["command"] + r["date"], {}).setdefault(r["variant"], []).extend(r["prune_s"])
     ratios = {}
     for variants in runs.values():  # later runs overwrite earlier ones
         if "sparsegpt" in variants:
-            median = lambda xs: xs[len(xs) // 2]  # noqa: E731
+            median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
             ratios.update({v: median(t) / median(variants["sparsegpt"]) for v, t in variants.items()})
     return ratios
 

@@ -8,13 +8,14 @@ record's `timings.prune_s` (an allocation's own pass, such as OWL's, included).
 A variant is a method with optional options in brackets (`dsnot[base=sparsegpt]`, `alps[rho=0.1;iterations=300]`),
 `+owl` (allocation), `+sequential`, `+asymmetric`, `+refit N` and `+refit lr LR`. Prints a table with each
 variant's median time and its ratio to the first variant's, and appends one JSON line per run to
---results.
+--results as the run ends (with the load average at that moment).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -71,16 +72,26 @@ def main(argv=None) -> int:
     specs = {v: variant_spec(v, args) for v in variants}
     base = load_model(args.model, dtype=torch.float32, seed=args.seed)
     times: dict[str, list[float]] = {v: [] for v in variants}
+    setting = args.pattern if ":" in args.pattern else f"{args.sparsity:g}"
+    # One line per run, written as it ends, so that a benchmark stopped halfway keeps what it measured; the
+    # start date groups a process's lines (ratios are only taken within one process).
+    stamp = {"benchmark": "prune_time", "model": args.model, "setting": setting, "nsamples": args.nsamples,
+             "seqlen": args.seqlen, "threads": torch.get_num_threads(), "versions": versions(),
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "command": " ".join(["python", "benchmarks/prune_time.py", *(argv if argv is not None else sys.argv[1:])])}
     for round_ in range(args.rounds):
         for variant in variants:
             loaded = type(base)(copy.deepcopy(base.model), base.tokenizer, base.name, base.source)
             started = time.perf_counter()
             record = run(specs[variant], loaded=loaded)
             times[variant].append(record.timings["prune_s"])
+            with open(args.results, "a") as handle:
+                handle.write(json.dumps({**stamp, "variant": variant, "round": round_ + 1,
+                                         "prune_s": [record.timings["prune_s"]],
+                                         "load_average": round(os.getloadavg()[0], 2)}) + "\n")
             print(f"  round {round_ + 1} {variant:24s} prune {record.timings['prune_s']:7.1f} s "
                   f"(run {time.perf_counter() - started:.1f} s), sparsity {record.sparsity_measured:.4f}", file=sys.stderr)
     first = statistics.median(times[variants[0]])
-    setting = args.pattern if ":" in args.pattern else f"{args.sparsity:g}"
     print(f"\n{args.model}, {setting}, {args.nsamples} x {args.seqlen} calibration, {torch.get_num_threads()} "
           f"thread(s), {args.rounds} round(s)\n")
     print(f"| variant | prune s (median) | x {variants[0]} |")
@@ -88,13 +99,6 @@ def main(argv=None) -> int:
     for variant in variants:
         median = statistics.median(times[variant])
         print(f"| {variant} | {median:.1f} | {median / first:.2f} |")
-    stamp = {"benchmark": "prune_time", "model": args.model, "setting": setting, "nsamples": args.nsamples,
-             "seqlen": args.seqlen, "threads": torch.get_num_threads(), "versions": versions(),
-             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "command": " ".join(["python", "benchmarks/prune_time.py", *(argv if argv is not None else sys.argv[1:])])}
-    with open(args.results, "a") as handle:
-        for variant in variants:
-            handle.write(json.dumps({**stamp, "variant": variant, "prune_s": times[variant]}) + "\n")
     return 0
 
 
