@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -33,8 +34,13 @@ from oneshot.settings import entry  # noqa: E402
 from oneshot.spec import Calibration, Evaluation  # noqa: E402
 
 
+def _split_variant(variant: str) -> list[str]:
+    """'wanda+++owl' -> ['wanda++', 'owl']: the method, whose own name may hold '+', then its extras."""
+    return re.split(r"\+(?=owl\b|sequential\b|asymmetric\b|refit )", variant)
+
+
 def variant_spec(variant: str, args) -> RunSpec:
-    method, *extras = variant.split("+")
+    method, *extras = _split_variant(variant)
     method, _, given = method.partition("[")  # dsnot[base=sparsegpt]: the method's options, KEY=VALUE;...
     options = dict(item.split("=", 1) for item in given.rstrip("]").split(";") if item)
     refit = {"refit": 0, "refit_lr": entry("refit_lr").default}  # "+refit 2", "+refit lr 1e-05": as rows say
