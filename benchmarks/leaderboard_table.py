@@ -32,6 +32,9 @@ COLUMNS = (("50%", "unstructured", 0.5), ("60%", "unstructured", 0.6), ("70%", "
 # authors' ALPS (the `alps` row, checked against their code in PARITY.md) at these settings.
 GOAL_COLUMNS = ("60%", "70%", "2:4")
 GOAL_REFERENCE = "alps"
+# oneshot's best configuration: one row, the one leaderboard_refit.yaml runs, held to the goal at every column
+# (not the best of several rows chosen per column).
+BEST_CONFIG = "alps (sequential, asymmetric, refit 2)"
 TIME_SETTING = "0.7"
 BEGIN, END = "<!-- leaderboard: begin (benchmarks/leaderboard_table.py) -->", "<!-- leaderboard: end -->"
 
@@ -181,30 +184,43 @@ def build(results: Path, zeroshot: Path, times: Path, parity: Path) -> tuple[str
         parity_key = row if method == "dsnot" else method
         lines.append("| " + " | ".join([row, *values, f"{ratio:.2f}" if ratio else "", *zs, source,
                                         parities.get(parity_key, "")]) + " |")
-    goal = {}
+    goal, versus = {}, {}
     for c in GOAL_COLUMNS:
-        others = [(cells[r][c], r) for r in rows if r not in ("dense", GOAL_REFERENCE) and c in cells[r]]
-        ours, best_row = min(others) if others else (None, None)
+        ours = cells.get(BEST_CONFIG, {}).get(c)
         alps = cells.get(GOAL_REFERENCE, {}).get(c)
-        goal[c] = (ours, best_row, alps, None if ours is None or alps is None else ours / alps - 1)
+        goal[c] = (ours, alps, None if ours is None or alps is None else ours / alps - 1)
+    for c in names:  # not worse than the best other row at any setting
+        others = [(cells[r][c], r) for r in rows if r not in ("dense", BEST_CONFIG) and c in cells[r]]
+        versus[c] = (cells.get(BEST_CONFIG, {}).get(c), *(min(others) if others else (None, None)))
     recorded = sum(record.get("run_key") in owner for record in records)
     expected = len(owner)
-    return "\n".join(lines), {"goal": goal, "recorded": recorded, "expected": expected, "notes": notes}
+    return "\n".join(lines), {"goal": goal, "versus": versus, "recorded": recorded, "expected": expected,
+                              "notes": notes}
 
 
 def goal_lines(summary: dict) -> list[str]:
     out = ["\u2020 carried over from `experiments/results/beyond_sparsegpt.pinned.jsonl` (same protocol and run key, "
            "one thread).", "",
            f"Recorded: {summary['recorded']} of the {summary['expected']} runs of the configs. Goal (issue 27): "
-           f"oneshot's best configuration (the best row but ALPS) at least 5% below the authors' ALPS at {', '.join(GOAL_COLUMNS)}:", ""]
-    for column, (ours, row, alps, change) in summary["goal"].items():
+           f"oneshot's best configuration, {BEST_CONFIG}, at least 5% below the authors' ALPS at "
+           f"{', '.join(GOAL_COLUMNS)}:", ""]
+    for column, (ours, alps, change) in summary["goal"].items():
         if change is None:
-            out.append(f"- {column}: not measured yet (best other row {fmt(ours) or 'not recorded'}, "
+            out.append(f"- {column}: not measured yet (ours {fmt(ours) or 'not recorded'}, "
                        f"ALPS {fmt(alps) or 'not recorded'})")
         else:
             verdict = "met" if change <= -0.05 else "not met"
-            out.append(f"- {column}: best other row, {row}, {fmt(ours)} against ALPS {fmt(alps)}: "
-                       f"{100 * change:+.1f}% ({verdict})")
+            out.append(f"- {column}: {fmt(ours)} against ALPS {fmt(alps)}: {100 * change:+.1f}% ({verdict})")
+    out += ["", "and not worse than the best other row at any setting:", ""]
+    for column, (ours, other, row) in summary["versus"].items():
+        if ours is None or other is None:
+            out.append(f"- {column}: not measured yet (ours {fmt(ours) or 'not recorded'}, "
+                       f"best other row {fmt(other) or 'not recorded'})")
+        else:
+            verdict = ("holds" if ours <= other else "does not hold") + (
+                "" if summary["recorded"] == summary["expected"] else " so far: not every run is recorded")
+            out.append(f"- {column}: {fmt(ours)} against {row}'s {fmt(other)}: {100 * (ours / other - 1):+.1f}% "
+                       f"({verdict})")
     return out
 
 
