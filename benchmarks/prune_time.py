@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from oneshot import RunSpec, run  # noqa: E402
+from oneshot.errors import UsageError  # noqa: E402
+from oneshot.methods import get_method  # noqa: E402
 from oneshot.models import load_model  # noqa: E402
 from oneshot.record import versions  # noqa: E402
 from oneshot.settings import entry  # noqa: E402
@@ -50,6 +52,10 @@ def variant_spec(variant: str, args) -> RunSpec:
         name, value = extra.rsplit(" ", 1)
         refit[name.replace(" ", "_")] = int(value) if name == "refit" else float(value)
         extras.remove(extra)
+    try:  # before any model is loaded: a typo ("wanda+ow") reads as an unknown method name
+        get_method(method)
+    except UsageError as exc:
+        raise SystemExit(f"--variants: {variant!r}: {exc}") from None
     unknown = set(extras) - {"owl", "sequential", "asymmetric"}
     if unknown:
         raise SystemExit(f"--variants: {variant!r}: unknown part(s) {sorted(unknown)}; use "
