@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     variants = args.variants.split(",")
     specs = {v: variant_spec(v, args) for v in variants}
     base = load_model(args.model, dtype=torch.float32, seed=args.seed)
+    fresh = lambda: type(base)(copy.deepcopy(base.model), base.tokenizer, base.name, base.source)  # noqa: E731
     times: dict[str, list[float]] = {v: [] for v in variants}
     setting = args.pattern if ":" in args.pattern else f"{args.sparsity:g}"
     # One line per run, written as it ends, so that a benchmark stopped halfway keeps what it measured; the
@@ -96,16 +97,15 @@ def main(argv=None) -> int:
     stamp = {"benchmark": "prune_time", "model": args.model, "setting": setting, "nsamples": args.nsamples,
              "seqlen": args.seqlen, "threads": torch.get_num_threads(), "versions": versions(),
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "command": " ".join(["python", "benchmarks/prune_time.py", *(argv if argv is not None else sys.argv[1:])])}
+             "command": " ".join(["python", "benchmarks/prune_time.py", *(argv if argv is not None else sys.argv[1:])]),
+             "warmup": args.warmup}
     if args.warmup:
         warm = specs[variants[0]].replace(calibration=Calibration("wiki-offline", args.warmup, args.seqlen))
-        run(warm, loaded=type(base)(copy.deepcopy(base.model), base.tokenizer, base.name, base.source))
-    stamp["warmup"] = args.warmup
+        run(warm, loaded=fresh())
     for round_ in range(args.rounds):
         for variant in variants:
-            loaded = type(base)(copy.deepcopy(base.model), base.tokenizer, base.name, base.source)
             started = time.perf_counter()
-            record = run(specs[variant], loaded=loaded)
+            record = run(specs[variant], loaded=fresh())
             times[variant].append(record.timings["prune_s"])
             with open(args.results, "a") as handle:
                 handle.write(json.dumps({**stamp, "variant": variant, "round": round_ + 1,
