@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 from oneshot.sweep.cells import fmt, load_records, method_label  # noqa: E402
 from oneshot.sweep.config import load_config, run_key  # noqa: E402
 
-CONFIGS = ("leaderboard", "leaderboard_dsnot", "leaderboard_owl", "leaderboard_best", "leaderboard_asymmetric",
-           "leaderboard_refit")
+CONFIGS = ("leaderboard", "leaderboard_dsnot", "leaderboard_owl", "leaderboard_sequential", "leaderboard_best",
+           "leaderboard_asymmetric", "leaderboard_refit")
 # Where runs carried over from issue 11's tables were first made (rows beyond the four configs' grids).
 EARLIER_CONFIGS = ("beyond_sparsegpt", "beyond_sparsegpt_best", "beyond_sparsegpt_sequential")
 ZEROSHOT_CONFIGS = ("leaderboard_zeroshot", "leaderboard_zeroshot_best")
