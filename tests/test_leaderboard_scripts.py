@@ -80,3 +80,17 @@ def test_the_goal_lines_say_met_or_not_and_whether_the_grid_is_complete():
     assert "against alps (sequential)'s 35.00: -14.3% (holds)" in text
     text = "\n".join(leaderboard_table.goal_lines(_summary(39.0, 35.0, recorded=9)))
     assert "(not met)" in text and "(does not hold so far: not every run is recorded)" in text
+
+
+def test_the_best_configuration_closes_the_table_whatever_the_registry_order(tmp_path):
+    # RIA comes after ALPS in the method registry; the best configuration's row must still be the table's last
+    wanted = {"ria", "alps", leaderboard_table.BEST_CONFIG}
+    lines = [line for line in (ROOT / "experiments/results/leaderboard.jsonl").read_text().splitlines()
+             if line.strip() and leaderboard_table._row(json.loads(line)) in wanted]
+    results = tmp_path / "leaderboard.jsonl"
+    results.write_text("\n".join(lines) + "\n")
+    text, _ = leaderboard_table.build(results, tmp_path / "none.jsonl", ROOT / "benchmarks/results.jsonl",
+                                      ROOT / "benchmarks/parity_runs/parity.jsonl")
+    rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")][1:]
+    assert set(rows) == wanted
+    assert rows[-1] == leaderboard_table.BEST_CONFIG and rows.index("alps") < rows.index("ria")
