@@ -22,7 +22,7 @@ from oneshot.sweep.config import load_config, run_key  # noqa: E402
 
 CONFIGS = ("leaderboard", "leaderboard_dsnot", "leaderboard_owl", "leaderboard_sequential", "leaderboard_best",
            "leaderboard_asymmetric", "leaderboard_refit")
-# Where runs carried over from issue 11's tables were first made (rows beyond the four configs' grids).
+# Where runs carried over from issue 11's tables were first made (rows beyond CONFIGS' grids).
 EARLIER_CONFIGS = ("beyond_sparsegpt", "beyond_sparsegpt_best", "beyond_sparsegpt_sequential")
 ZEROSHOT_CONFIGS = ("leaderboard_zeroshot", "leaderboard_zeroshot_best")
 CARRIED_FROM = ROOT / "experiments/results/beyond_sparsegpt.pinned.jsonl"
@@ -155,10 +155,11 @@ def build(results: Path, zeroshot: Path, times: Path, parity: Path) -> tuple[str
     ratios = prune_ratios(times)
     parities = parity_notes(parity)
 
+    from oneshot.sweep.cells import method_order
+    known = method_order()
+
     def order(row):
-        from oneshot.sweep.cells import method_order
         base = row.split(" ")[0]
-        known = method_order()
         # oneshot's best configuration closes the table, below every row it is held against
         return (row == BEST_CONFIG, known.index(base) if base in known else len(known), row)
 
