@@ -37,6 +37,9 @@ GOAL_REFERENCE = "alps"
 BEST_CONFIG = "alps (sequential, asymmetric, refit 2)"
 TIME_SETTING = "0.7"
 BEGIN, END = "<!-- leaderboard: begin (benchmarks/leaderboard_table.py) -->", "<!-- leaderboard: end -->"
+# The commands that make the table, written from CONFIGS and the table's rows so that no list is kept twice
+COMMANDS_BEGIN = "<!-- leaderboard commands: begin (benchmarks/leaderboard_table.py) -->"
+COMMANDS_END = "<!-- leaderboard commands: end -->"
 
 
 def _row(record: dict) -> str:
@@ -115,6 +118,46 @@ def variant_of(row: str) -> str:
     return method + (f"[{';'.join(options)}]" if options else "") + "".join(f"+{f}" for f in flags)
 
 
+def row_order():
+    """A sort key for rows: the method registry's order, oneshot's best configuration last, below every row it
+    is held against."""
+    from oneshot.sweep.cells import method_order
+    known = method_order()
+
+    def order(row):
+        base = row.split(" ")[0]
+        return (row == BEST_CONFIG, known.index(base) if base in known else len(known), row)
+    return order
+
+
+def grid_rows() -> list[str]:
+    """Every row the configs' grids make, recorded or not, in the table's order."""
+    rows = set()
+    for name in CONFIGS:
+        for spec in load_config(ROOT / "experiments" / f"{name}.yaml").runs():
+            if spec.method != "dense":
+                rows.add(method_label({"method": spec.method, "allocation": spec.allocation,
+                                       "sequential": spec.sequential, "asymmetric": spec.asymmetric,
+                                       "settings": {"refit": spec.refit, "refit_lr": spec.refit_lr},
+                                       "options": dict(spec.options)}))
+    return sorted(rows, key=row_order())
+
+
+def commands(rows: list[str]) -> str:
+    """The doc's "Made by" block: every config's sweep, then prune_time.py over the table's rows, SparseGPT
+    first (the ratios' reference). The variant list is built up in a shell variable, a few per line: a
+    backslash-continued argument would split at the next line's indent."""
+    variants = ["sparsegpt", *(variant_of(r) for r in rows if r not in ("dense", "sparsegpt"))]
+    lines = [f"    for c in {' '.join(CONFIGS)}; do", "        oneshot sweep experiments/$c.yaml", "    done",
+             f"    for c in {' '.join(ZEROSHOT_CONFIGS)}; do oneshot sweep experiments/$c.yaml; done"]
+    chunks = [variants[i:i + 4] for i in range(0, len(variants), 4)]
+    lines += [f'    v="{"$v," if i else ""}{",".join(chunk)}"' for i, chunk in enumerate(chunks)]
+    lines += [f'    python benchmarks/prune_time.py --sparsity {TIME_SETTING} --rounds 1 --variants "$v"',
+              "    oneshot report experiments/results/leaderboard.jsonl     # md, CSV and PNG beside the results",
+              "    python benchmarks/leaderboard_table.py                   # the table below"]
+    return "\n".join(lines)
+
+
 def implementation(method: str) -> str:
     from oneshot.methods import METHODS
 
@@ -155,14 +198,7 @@ def build(results: Path, zeroshot: Path, times: Path, parity: Path) -> tuple[str
     ratios = prune_ratios(times)
     parities = parity_notes(parity)
 
-    from oneshot.sweep.cells import method_order
-    known = method_order()
-
-    def order(row):
-        base = row.split(" ")[0]
-        # oneshot's best configuration closes the table, below every row it is held against
-        return (row == BEST_CONFIG, known.index(base) if base in known else len(known), row)
-
+    order = row_order()
     rows = sorted(cells, key=order)
     names = [c[0] for c in COLUMNS]
     best = {c: min((cells[r][c] for r in rows if c in cells[r] and r != "dense"), default=None) for c in names}
@@ -197,7 +233,7 @@ def build(results: Path, zeroshot: Path, times: Path, parity: Path) -> tuple[str
     recorded = sum(record.get("run_key") in owner for record in records)
     expected = len(owner)
     return "\n".join(lines), {"goal": goal, "versus": versus, "recorded": recorded, "expected": expected,
-                              "notes": notes}
+                              "notes": notes, "commands": commands(grid_rows())}
 
 
 def goal_lines(summary: dict) -> list[str]:
@@ -236,14 +272,16 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the doc's table is out of date")
     args = parser.parse_args(argv)
     table, summary = build(args.results, args.zeroshot, args.times, args.parity)
-    generated = "\n".join([BEGIN, "", table, "", *goal_lines(summary), "", END])
     text = args.doc.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"{args.doc}: no generated section ({BEGIN} ... {END}); add the two markers where the table goes",
-              file=sys.stderr)
-        return 2
-    head, rest = text.split(BEGIN, 1)
-    new = head + generated + rest.split(END, 1)[1]
+    new = text
+    for begin, end, body in ((COMMANDS_BEGIN, COMMANDS_END, ["", summary["commands"], ""]),
+                             (BEGIN, END, ["", table, "", *goal_lines(summary), ""])):
+        if begin not in new or end not in new:
+            print(f"{args.doc}: no generated section ({begin} ... {end}); add the two markers where it goes",
+                  file=sys.stderr)
+            return 2
+        head, rest = new.split(begin, 1)
+        new = head + "\n".join([begin, *body, end]) + rest.split(end, 1)[1]
     if args.check:
         if new != text:
             print(f"{args.doc} is out of date: run python benchmarks/leaderboard_table.py", file=sys.stderr)

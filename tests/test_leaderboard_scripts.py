@@ -2,6 +2,7 @@
 benchmarks/leaderboard_table.py takes ratios within one process and holds one configuration to the goal."""
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,3 +95,18 @@ def test_the_best_configuration_closes_the_table_whatever_the_registry_order(tmp
     rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")][1:]
     assert set(rows) == wanted
     assert rows[-1] == leaderboard_table.BEST_CONFIG and rows.index("alps") < rows.index("ria")
+
+
+def test_the_made_by_commands_run_every_config_and_time_every_grid_row():
+    rows = leaderboard_table.grid_rows()
+    text = leaderboard_table.commands(rows)
+    for name in (*leaderboard_table.CONFIGS, *leaderboard_table.ZEROSHOT_CONFIGS):
+        assert f" {name}" in text
+    # the variant list as bash builds it from the doc's lines, then as prune_time.py reads it
+    script = "\n".join(line.strip() for line in text.splitlines() if line.strip().startswith("v=")) + '\nprintf %s "$v"'
+    variants = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split(",")
+    assert variants[0] == "sparsegpt" and len(variants) == len(set(variants)) == len(rows)
+    assert set(variants) == {leaderboard_table.variant_of(row) for row in rows}
+    assert {"dsnot[base=sparsegpt]", "wanda++", "alps+sequential+asymmetric+refit 2"} <= set(variants)
+    for variant in variants:
+        prune_time.variant_spec(variant, ARGS)
