@@ -110,3 +110,8 @@ def test_the_made_by_commands_run_every_config_and_time_every_grid_row():
     assert {"dsnot[base=sparsegpt]", "wanda++", "alps+sequential+asymmetric+refit 2"} <= set(variants)
     for variant in variants:
         prune_time.variant_spec(variant, ARGS)
+
+
+def test_the_committed_doc_holds_the_table_its_results_make():
+    # docs/leaderboard.md is committed with each new record; a record or a script change without it fails here
+    assert leaderboard_table.main(["--check"]) == 0, "run python benchmarks/leaderboard_table.py"
