@@ -332,3 +332,31 @@ def test_a_hand_set_bos_protocol_gets_a_row_of_its_own():
     assert method_label(record(True)) == "dense (BOS per window)"
     assert method_label(record(False)) == "dense (no BOS)"
     assert method_label(record(None)) == "dense"
+
+
+def test_a_leaderboard_is_plotted_with_an_n_m_panel_and_one_legend_entry_per_row():
+    """Many rows over sparsity levels plus 2:4/4:8: the N:M points get a panel of their own (at N/M they
+    would stack on the 50% column), variants of one method share its colour and differ in style, and the
+    figure has one legend, an entry per row, in the tables' order."""
+    pytest.importorskip("matplotlib")
+    from oneshot.sweep.cells import build_cells
+    from oneshot.sweep.plots import draw
+
+    base = {"model": "m", "timings": {}}
+    records = [dict(base, method="dense", pattern="unstructured", sparsity_target=0.0, ppl={"w": 14.0})]
+    for method, extra in (("wanda", {}), ("wanda", {"sequential": True}), ("alps", {}),
+                          ("alps", {"allocation": {"name": "owl"}})):
+        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("4:8", 0.5)):
+            records.append(dict(base, method=method, pattern=pattern, sparsity_target=sparsity, **extra,
+                                ppl={"w": 20.0 + 100 * sparsity + len(extra)}, run_key=f"{method}{extra}{pattern}{sparsity}"))
+    figure = draw(build_cells(records))
+    levels, n_m = figure.axes
+    assert [t.get_text() for t in n_m.get_xticklabels()] == ["2:4", "4:8"]
+    assert levels.get_ylim() == n_m.get_ylim()
+    lines = {line.get_label(): line for line in levels.get_lines() if not line.get_label().startswith("_")}
+    assert lines["wanda"].get_color() == lines["wanda (sequential)"].get_color() != lines["alps"].get_color()
+    assert lines["wanda"].get_linestyle() != lines["wanda (sequential)"].get_linestyle()
+    assert all(len(line.get_xdata()) == 2 for label, line in lines.items() if label != "dense")  # 50% and 70%
+    [legend] = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["dense", "wanda", "wanda (sequential)", "alps",
+                                                          "alps (owl)"]

@@ -20,72 +20,182 @@ from .cells import (
 )
 
 
+LEGEND_WIDTH = 2.6  # inches beside the panels for the figure's legend
+
+
 def plot(table: ReportCells, path: Path, paper: dict | None = None) -> bool | None:
-    """PNG of ppl vs sparsity: one panel per model and ppl source. False if there is no perplexity
-    to plot, None if matplotlib is missing."""
+    """The figure below as a PNG at `path`. False if there is no perplexity to plot, None if matplotlib is
+    missing."""
     try:
-        from matplotlib.figure import (
-            Figure,  # no pyplot: no global backend state is touched
-        )
+        import matplotlib  # noqa: F401
     except ImportError:
         return None
+    figure = draw(table, paper)
+    if figure is None:
+        return False
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    write_atomic(path, buffer.getvalue())
+    return True
+
+
+def draw(table: ReportCells, paper: dict | None = None):
+    """Ppl vs sparsity: one panel per model and ppl source, and beside it a panel for the N:M patterns when
+    there are any (they would all stack at N/M on the sparsity axis). A row's colour is its method's and its
+    line style and marker its variant's (owl, sequential, ...), with one legend for the figure. None if there
+    is no perplexity."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
+
     sources = [m for m in metric_order(table) if m[0] == "ppl"]
     models = list(dict.fromkeys(row[0] for m in sources for row in table.rows(m)))
     if not sources or not models:
-        return False
-    figure = Figure(figsize=(6.4 * len(sources), 4.2 * len(models)), layout="constrained")
-    axes = figure.subplots(len(models), len(sources), squeeze=False)
-    colours = {}
-    palette = [f"C{i}" for i in range(10)]
+        return None
+    n_m = any(_is_n_m(row[2]) for m in sources for row in table.rows(m))
+    labels = {row[1] for m in sources for row in table.rows(m) if row[2] != DENSE_PATTERN}
+    panels = 2 if n_m else 1
+    figure = Figure(figsize=(6.4 * len(sources) + 3.2 * len(sources) * (panels - 1) + LEGEND_WIDTH,
+                             max(4.2 * len(models), 0.9 + 0.16 * len(labels))), layout="constrained")
+    axes = figure.subplots(len(models), len(sources) * panels, squeeze=False,
+                           width_ratios=[2, 1] * len(sources) if n_m else None)
+    style = _Styles()
     for r, model in enumerate(models):
         for c, metric in enumerate(sources):
-            ax = axes[r][c]
+            ax = axes[r][c * panels]
             rows = [row for row in table.rows(metric) if row[0] == model]
+            title = f"{model}: perplexity on {metric[1]}"
             if _one_setting(table, metric, rows):
                 _grouped_bars(ax, table, metric, rows)
-                ax.set_title(f"{model}: perplexity on {metric[1]}", fontsize=10)
+                ax.set_title(title, fontsize=10)
+                if n_m:
+                    axes[r][c * panels + 1].set_visible(False)
                 continue
-            plotted = False
-            for row in rows:
-                cells = table.metrics[metric][row]
-                points = sorted((s, v) for s, v in cells.items() if v is not None and math.isfinite(v) and v > 0)
-                if not points:
-                    continue
-                plotted = True
-                if row[2] == DENSE_PATTERN:  # the baseline's row
-                    ax.axhline(points[0][1], color="0.4", linestyle="--", linewidth=1, label=row[1])
-                    continue
-                label = row[1] if row[2] == "unstructured" else f"{row[1]} {row[2]}"
-                colour = colours.setdefault(row[1], palette[len(colours) % len(palette)])
-                xs, ys = zip(*points)
-                if row[2] == "unstructured":
-                    ax.plot(xs, ys, marker="o", color=colour, label=label)
-                elif row[2] in STRUCTURED_ORDER:  # x: the target fraction of block parameters
-                    ax.plot(xs, ys, marker="o^sD"[STRUCTURED_ORDER.index(row[2])], color=colour, label=label)
-                else:
-                    ax.plot(xs, ys, linestyle="none", color=colour, label=label,
-                            marker="s" if row[2].endswith(":4") else "^", markersize=8)
+            plotted = _levels(ax, table, metric, rows, style)
             if paper and paper["eval"] == metric[1]:
                 first = True
                 for p_model, method, pattern, sparsity, value in paper["cells"]:
                     if p_model != model or value <= 0:
                         continue
-                    colour = "0.4" if is_baseline_row(method) else colours.setdefault(method, palette[len(colours) % 10])
+                    colour = "0.4" if is_baseline_row(method) else style.colour(method)
                     ax.plot([sparsity], [value], linestyle="none", marker="x", color=colour, markersize=8,
                             label="paper" if first else None)
                     first = False
                     plotted = True
             if plotted:
                 ax.set_yscale("log")
-                ax.legend(fontsize=8)
             ax.set_xlabel("sparsity")
             ax.set_ylabel(f"perplexity ({metric[1]})")
-            ax.set_title(f"{model}: perplexity on {metric[1]}", fontsize=10)
+            ax.set_title(title if not n_m else f"{title}, unstructured", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    write_atomic(path, buffer.getvalue())
-    return True
+            if n_m:
+                _n_m_panel(axes[r][c * panels + 1], table, metric, rows, style, share=ax)
+    handles = {}
+    for ax in figure.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles and not all(ax.get_legend() for ax in figure.axes if ax.get_visible()):
+        order = [_label(row) for m in sources for row in table.rows(m)]  # the tables' row order
+        labels = sorted(handles, key=lambda label: order.index(label) if label in order else len(order))
+        figure.legend([handles[label] for label in labels], labels, loc="outside right upper", fontsize=7,
+                      frameon=False)
+    else:  # each panel has its own legend: no room kept for the figure's
+        width, height = figure.get_size_inches()
+        figure.set_size_inches(width - LEGEND_WIDTH, height)
+    return figure
+
+
+def _label(row) -> str:
+    """A row's legend entry: its method label, with the pattern for a structured one (N:M rows share their
+    method's entry, drawn in the N:M panel)."""
+    return row[1] if row[2] in ("unstructured", DENSE_PATTERN) or _is_n_m(row[2]) else f"{row[1]} {row[2]}"
+
+
+def _is_n_m(pattern: str) -> bool:
+    return ":" in pattern and pattern not in STRUCTURED_ORDER
+
+
+class _Styles:
+    """A colour per method (the label's first word, so every variant and structured pattern of a method
+    shares it) and a line style and marker per variant within that method, the same in every panel."""
+    LINES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (8, 2)))
+    MARKERS = "os^Dv<>PXph*"
+
+    def __init__(self):
+        self.colours: dict[str, str] = {}
+        self.variants: dict[str, list[str]] = {}
+
+    def baseline(self, label: str) -> dict:
+        """A dense baseline: grey, dashed; a second one (another protocol, experiments/eval_bos.yaml) dotted."""
+        seen = self.variants.setdefault("", [])
+        if label not in seen:
+            seen.append(label)
+        return dict(color="0.4", linestyle=("--", ":", "-.", (0, (5, 1)))[seen.index(label) % 4], label=label)
+
+    def colour(self, label: str) -> str:
+        return self.colours.setdefault(label.split(" ")[0], f"C{len(self.colours) % 10}")
+
+    def __call__(self, label: str, index: int | None = None) -> dict:
+        """`index` fixes the style (a structured pattern's place in STRUCTURED_ORDER: heads look alike in
+        every method)."""
+        variants = self.variants.setdefault(label.split(" ")[0], [])
+        if label not in variants:
+            variants.append(label)
+        i = variants.index(label) if index is None else index
+        return dict(color=self.colour(label), linestyle=self.LINES[i % len(self.LINES)],
+                    marker=self.MARKERS[i % len(self.MARKERS)], label=label)
+
+
+def _points(table: ReportCells, metric, row) -> list[tuple]:
+    cells = table.metrics[metric][row]
+    return sorted((s, v) for s, v in cells.items() if v is not None and math.isfinite(v) and v > 0)
+
+
+def _levels(ax, table: ReportCells, metric, rows, style: _Styles) -> bool:
+    """Each unstructured or structured row as a line over its sparsity levels (a structured pattern's x is its
+    target fraction of block parameters; its label names the pattern); N:M rows go to their own panel."""
+    plotted = False
+    for row in rows:
+        points = _points(table, metric, row)
+        if not points:
+            continue
+        plotted = True
+        if row[2] == DENSE_PATTERN:  # the baseline's row
+            ax.axhline(points[0][1], linewidth=1, **style.baseline(row[1]))
+            continue
+        if _is_n_m(row[2]):
+            continue
+        xs, ys = zip(*points)
+        structure = STRUCTURED_ORDER.index(row[2]) if row[2] in STRUCTURED_ORDER else None
+        ax.plot(xs, ys, markersize=5, **style(_label(row), structure))
+    return plotted
+
+
+def _n_m_panel(ax, table: ReportCells, metric, rows, style: _Styles, share) -> None:
+    """The N:M patterns along x (2:4, 4:8, ...), each row's values joined in its style, on one y range with the
+    unstructured panel so that the two read together."""
+    patterns = sorted({row[2] for row in rows if _is_n_m(row[2])}, key=lambda p: tuple(int(x) for x in p.split(":")))
+    for label in dict.fromkeys(row[1] for row in rows if _is_n_m(row[2])):
+        xs, ys = [], []
+        for i, pattern in enumerate(patterns):
+            points = _points(table, metric, (rows[0][0], label, pattern)) if (rows[0][0], label, pattern) in \
+                table.metrics[metric] else []
+            if points:
+                xs.append(i)
+                ys.append(points[0][1])
+        if xs:
+            ax.plot(xs, ys, markersize=5, **style(label))
+    for row in rows:
+        points = _points(table, metric, row)
+        if row[2] == DENSE_PATTERN and points:
+            ax.axhline(points[0][1], linewidth=1, **style.baseline(row[1]))
+    ax.set_xticks(range(len(patterns)), patterns)
+    ax.set_xlim(-0.5, len(patterns) - 0.5)
+    ax.set_yscale("log")
+    low, high = zip(ax.get_ylim(), share.get_ylim())
+    for each in (ax, share):  # one y range for both panels
+        each.set_ylim(min(low), max(high))
+    ax.set_xlabel("pattern (N of every M pruned)")
+    ax.set_title("N:M", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _one_setting(table: ReportCells, metric, rows) -> bool:
