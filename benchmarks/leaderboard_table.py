@@ -37,7 +37,7 @@ GOAL_REFERENCE = "alps"
 BEST_CONFIG = "alps (sequential, asymmetric, refit 2)"
 TIME_SETTING = "0.7"
 BEGIN, END = "<!-- leaderboard: begin (benchmarks/leaderboard_table.py) -->", "<!-- leaderboard: end -->"
-# The commands that make the table, written from CONFIGS and the table's rows so that no list is kept twice
+# The commands that make the table, written from CONFIGS and their grids' rows so that no list is kept twice
 COMMANDS_BEGIN = "<!-- leaderboard commands: begin (benchmarks/leaderboard_table.py) -->"
 COMMANDS_END = "<!-- leaderboard commands: end -->"
 
@@ -233,7 +233,7 @@ def build(results: Path, zeroshot: Path, times: Path, parity: Path) -> tuple[str
     recorded = sum(record.get("run_key") in owner for record in records)
     expected = len(owner)
     return "\n".join(lines), {"goal": goal, "versus": versus, "recorded": recorded, "expected": expected,
-                              "notes": notes, "commands": commands(grid_rows())}
+                              "notes": notes}
 
 
 def goal_lines(summary: dict) -> list[str]:
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     table, summary = build(args.results, args.zeroshot, args.times, args.parity)
     text = args.doc.read_text()
     new = text
-    for begin, end, body in ((COMMANDS_BEGIN, COMMANDS_END, ["", summary["commands"], ""]),
+    for begin, end, body in ((COMMANDS_BEGIN, COMMANDS_END, ["", commands(grid_rows()), ""]),
                              (BEGIN, END, ["", table, "", *goal_lines(summary), ""])):
         if begin not in new or end not in new:
             print(f"{args.doc}: no generated section ({begin} ... {end}); add the two markers where it goes",
