@@ -174,13 +174,9 @@ def _n_m_panel(ax, table: ReportCells, metric, rows, style: _Styles, share) -> N
     unstructured panel so that the two read together."""
     patterns = sorted({row[2] for row in rows if _is_n_m(row[2])}, key=lambda p: tuple(int(x) for x in p.split(":")))
     for label in dict.fromkeys(row[1] for row in rows if _is_n_m(row[2])):
-        xs, ys = [], []
-        for i, pattern in enumerate(patterns):
-            points = _points(table, metric, (rows[0][0], label, pattern)) if (rows[0][0], label, pattern) in \
-                table.metrics[metric] else []
-            if points:
-                xs.append(i)
-                ys.append(points[0][1])
+        values = {row[2]: _points(table, metric, row) for row in rows if row[1] == label and _is_n_m(row[2])}
+        xs = [i for i, pattern in enumerate(patterns) if values.get(pattern)]
+        ys = [values[patterns[i]][0][1] for i in xs]
         if xs:
             ax.plot(xs, ys, markersize=5, **style(label))
     for row in rows:
