@@ -314,7 +314,7 @@ def test_a_one_sparsity_comparison_is_plotted_as_grouped_bars(tmp_path):
     rows = table.rows(metric)
     assert _one_setting(table, metric, rows)
     ax = Figure().subplots()
-    _grouped_bars(ax, table, metric, rows)
+    _grouped_bars(ax, table, metric, rows, log=True)
     assert [len(c) for c in ax.containers] == [2, 2]  # two patterns, each a bar per method
     assert [t.get_text() for t in ax.get_xticklabels()] == ["wanda", "sparsegpt"]
     assert ax.get_yscale() == "log" and any(line.get_linestyle() == "--" for line in ax.get_lines())
@@ -360,3 +360,26 @@ def test_a_leaderboard_is_plotted_with_an_n_m_panel_and_one_legend_entry_per_row
     [legend] = figure.legends
     assert [t.get_text() for t in legend.get_texts()] == ["dense", "wanda", "wanda (sequential)", "alps",
                                                           "alps (owl)"]
+
+
+def test_zero_shot_accuracy_is_plotted_beside_perplexity_on_a_linear_axis():
+    """A results file of zero-shot runs only (the leaderboard's zero-shot columns) gets a plot too: mean
+    accuracy against sparsity, linear y, N:M in its own panel; with perplexity as well, one panel each."""
+    pytest.importorskip("matplotlib")
+    from oneshot.sweep.cells import build_cells
+    from oneshot.sweep.plots import draw
+
+    base = {"model": "m", "timings": {}}
+    records = [dict(base, method="dense", pattern="unstructured", sparsity_target=0.0, zeroshot={"mean_acc": 0.6})]
+    for method, accuracy in (("wanda", 0.5), ("alps", 0.55)):
+        for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)):
+            records.append(dict(base, method=method, pattern=pattern, sparsity_target=sparsity,
+                                zeroshot={"mean_acc": accuracy - sparsity / 4}, run_key=f"{method}{pattern}{sparsity}"))
+    levels, n_m = draw(build_cells(records)).axes
+    assert levels.get_yscale() == n_m.get_yscale() == "linear" and "accuracy" in levels.get_ylabel()
+    assert levels.get_ylim() == n_m.get_ylim()
+    lines = {line.get_label(): line for line in levels.get_lines() if not line.get_label().startswith("_")}
+    assert list(lines["alps"].get_ydata()) == [0.55 - 0.5 / 4, 0.55 - 0.7 / 4]
+    both = [dict(r, ppl={"w": 10.0 + 100 * r["sparsity_target"]}) for r in records]
+    axes = draw(build_cells(both)).axes
+    assert [ax.get_yscale() for ax in axes] == ["log", "log", "linear", "linear"]

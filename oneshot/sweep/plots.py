@@ -1,6 +1,6 @@
-"""The report's plot (`oneshot report`, `<stem>.png`): perplexity against sparsity per method and pattern,
-log y, the dense baseline as a dashed line, paper numbers as crosses; a comparison at one sparsity (the
-quick start's) as grouped bars, method along x and one bar per pattern.
+"""The report's plot (`oneshot report`, `<stem>.png`): perplexity (log y) and zero-shot mean accuracy (linear
+y) against sparsity per method and pattern, the dense baseline as a dashed line, paper numbers as crosses; a
+comparison at one sparsity (the quick start's) as grouped bars, method along x and one bar per pattern.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ LEGEND_WIDTH = 2.6  # inches beside the panels for the figure's legend
 
 
 def plot(table: ReportCells, path: Path, paper: dict | None = None) -> bool | None:
-    """The figure below as a PNG at `path`. False if there is no perplexity to plot, None if matplotlib is
-    missing."""
+    """The figure below as a PNG at `path`. False if there is neither perplexity nor zero-shot accuracy to
+    plot, None if matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -40,13 +40,13 @@ def plot(table: ReportCells, path: Path, paper: dict | None = None) -> bool | No
 
 
 def draw(table: ReportCells, paper: dict | None = None):
-    """Ppl vs sparsity: one panel per model and ppl source, and beside it a panel for the N:M patterns when
-    there are any (they would all stack at N/M on the sparsity axis). A row's colour is its method's and its
-    line style and marker its variant's (owl, sequential, ...), with one legend for the figure. None if there
-    is no perplexity."""
+    """Each metric vs sparsity: one panel per model and metric (each ppl source, then zero-shot mean accuracy),
+    and beside it a panel for the N:M patterns when there are any (they would all stack at N/M on the sparsity
+    axis). A row's colour is its method's and its line style and marker its variant's (owl, sequential, ...),
+    with one legend for the figure. None if there is nothing to plot."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
 
-    sources = [m for m in metric_order(table) if m[0] == "ppl"]
+    sources = [m for m in metric_order(table) if m[0] in ("ppl", "zeroshot")]
     models = list(dict.fromkeys(row[0] for m in sources for row in table.rows(m)))
     if not sources or not models:
         return None
@@ -62,15 +62,16 @@ def draw(table: ReportCells, paper: dict | None = None):
         for c, metric in enumerate(sources):
             ax = axes[r][c * panels]
             rows = [row for row in table.rows(metric) if row[0] == model]
-            title = f"{model}: perplexity on {metric[1]}"
+            log = metric[0] == "ppl"  # perplexities span decades; accuracies lie in [0, 1]
+            title = f"{model}: {_name(metric)}"
             if _one_setting(table, metric, rows):
-                _grouped_bars(ax, table, metric, rows)
+                _grouped_bars(ax, table, metric, rows, log)
                 ax.set_title(title, fontsize=10)
                 if n_m:
                     axes[r][c * panels + 1].set_visible(False)
                 continue
             plotted = _levels(ax, table, metric, rows, style)
-            if paper and paper["eval"] == metric[1]:
+            if log and paper and paper["eval"] == metric[1]:
                 first = True
                 for p_model, method, pattern, sparsity, value in paper["cells"]:
                     if p_model != model or value <= 0:
@@ -80,14 +81,14 @@ def draw(table: ReportCells, paper: dict | None = None):
                             label="paper" if first else None)
                     first = False
                     plotted = True
-            if plotted:
+            if plotted and log:
                 ax.set_yscale("log")
             ax.set_xlabel("sparsity")
-            ax.set_ylabel(f"perplexity ({metric[1]})")
+            ax.set_ylabel(_axis_label(metric))
             ax.set_title(title if not n_m else f"{title}, unstructured", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             if n_m:
-                _n_m_panel(axes[r][c * panels + 1], table, metric, rows, style, share=ax)
+                _n_m_panel(axes[r][c * panels + 1], table, metric, rows, style, share=ax, log=log)
     handles = {}
     for ax in figure.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -101,6 +102,18 @@ def draw(table: ReportCells, paper: dict | None = None):
         width, height = figure.get_size_inches()
         figure.set_size_inches(width - LEGEND_WIDTH, height)
     return figure
+
+
+def _name(metric) -> str:
+    return f"perplexity on {metric[1]}" if metric[0] == "ppl" else "zero-shot mean accuracy"
+
+
+def _value_text(metric, value: float) -> str:
+    return fmt(value) if metric[0] == "ppl" else f"{value:.3f}"
+
+
+def _axis_label(metric) -> str:
+    return f"perplexity ({metric[1]})" if metric[0] == "ppl" else "zero-shot mean accuracy (higher is better)"
 
 
 def _label(row) -> str:
@@ -169,7 +182,7 @@ def _levels(ax, table: ReportCells, metric, rows, style: _Styles) -> bool:
     return plotted
 
 
-def _n_m_panel(ax, table: ReportCells, metric, rows, style: _Styles, share) -> None:
+def _n_m_panel(ax, table: ReportCells, metric, rows, style: _Styles, share, log: bool) -> None:
     """The N:M patterns along x (2:4, 4:8, ...), each row's values joined in its style, on one y range with the
     unstructured panel so that the two read together."""
     patterns = sorted({row[2] for row in rows if _is_n_m(row[2])}, key=lambda p: tuple(int(x) for x in p.split(":")))
@@ -185,7 +198,8 @@ def _n_m_panel(ax, table: ReportCells, metric, rows, style: _Styles, share) -> N
             ax.axhline(points[0][1], linewidth=1, **style.baseline(row[1]))
     ax.set_xticks(range(len(patterns)), patterns)
     ax.set_xlim(-0.5, len(patterns) - 0.5)
-    ax.set_yscale("log")
+    if log:
+        ax.set_yscale("log")
     low, high = zip(ax.get_ylim(), share.get_ylim())
     for each in (ax, share):  # one y range for both panels
         each.set_ylim(min(low), max(high))
@@ -202,8 +216,9 @@ def _one_setting(table: ReportCells, metric, rows) -> bool:
     return len(levels) == 1
 
 
-def _grouped_bars(ax, table: ReportCells, metric, rows) -> None:
-    """Methods along x, one bar per pattern within each, log y; the baseline as a dashed line."""
+def _grouped_bars(ax, table: ReportCells, metric, rows, log: bool) -> None:
+    """Methods along x, one bar per pattern within each (log y for perplexity); the baseline as a dashed
+    line."""
     methods = list(dict.fromkeys(row[1] for row in rows if row[2] != DENSE_PATTERN))
     patterns = list(dict.fromkeys(row[2] for row in rows if row[2] != DENSE_PATTERN))
     width = 0.8 / max(1, len(patterns))
@@ -216,20 +231,21 @@ def _grouped_bars(ax, table: ReportCells, metric, rows) -> None:
                 xs.append(j + (i - (len(patterns) - 1) / 2) * width)
                 ys.append(value)
         bars = ax.bar(xs, ys, width=width, color=f"C{i}", label=pattern)
-        ax.bar_label(bars, labels=[fmt(y) for y in ys], fontsize=7, padding=1)
+        ax.bar_label(bars, labels=[_value_text(metric, y) for y in ys], fontsize=7, padding=1)
     lowest = min(ys_all) if (ys_all := [v for row in rows for v in table.metrics[metric][row].values()
                                          if v is not None and math.isfinite(v) and v > 0]) else None
     for row in rows:
         if row[2] == DENSE_PATTERN:
             value = next((v for v in table.metrics[metric][row].values() if v is not None), None)
             if value is not None and value > 0:
-                ax.axhline(value, color="0.4", linestyle="--", linewidth=1, label=f"{row[1]} {fmt(value)}")
-    if lowest is not None:
+                ax.axhline(value, color="0.4", linestyle="--", linewidth=1, label=f"{row[1]} {_value_text(metric, value)}")
+    if lowest is not None and log:
         ax.set_ylim(bottom=lowest / 1.5)  # the baseline's line clear of the axis
     ax.set_xticks(range(len(methods)), methods)
     sparsity = next(iter({s for row in rows if row[2] != DENSE_PATTERN for s in table.metrics[metric][row]}), None)
     ax.set_xlabel("method" + (f" (sparsity {fmt_sparsity(sparsity)})" if sparsity is not None else ""))
-    ax.set_ylabel(f"perplexity ({metric[1]})")
-    ax.set_yscale("log")
+    ax.set_ylabel(_axis_label(metric))
+    if log:
+        ax.set_yscale("log")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
