@@ -314,7 +314,7 @@ def test_a_one_sparsity_comparison_is_plotted_as_grouped_bars(tmp_path):
     rows = table.rows(metric)
     assert _one_setting(table, metric, rows)
     ax = Figure().subplots()
-    _grouped_bars(ax, table, metric, rows, log=True)
+    _grouped_bars(ax, table, metric, rows)
     assert [len(c) for c in ax.containers] == [2, 2]  # two patterns, each a bar per method
     assert [t.get_text() for t in ax.get_xticklabels()] == ["wanda", "sparsegpt"]
     assert ax.get_yscale() == "log" and any(line.get_linestyle() == "--" for line in ax.get_lines())

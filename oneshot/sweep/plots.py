@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from ..atomic import write_atomic
 from .cells import (
@@ -21,6 +22,19 @@ from .cells import (
 
 
 LEGEND_WIDTH = 2.6  # inches beside the panels for the figure's legend
+
+
+class _Kind(NamedTuple):
+    """How one kind of metric is drawn; '{}' in the texts is the metric's source (the ppl dataset)."""
+    title: str
+    axis: str
+    log: bool  # perplexities span decades; accuracies lie in [0, 1]
+    value: Callable[[float], str]
+
+
+_KINDS = {"ppl": _Kind("perplexity on {}", "perplexity ({})", True, fmt),
+         "zeroshot": _Kind("zero-shot mean accuracy", "zero-shot mean accuracy (higher is better)", False,
+                           "{:.3f}".format)}
 
 
 def plot(table: ReportCells, path: Path, paper: dict | None = None) -> bool | None:
@@ -46,7 +60,7 @@ def draw(table: ReportCells, paper: dict | None = None):
     with one legend for the figure. None if there is nothing to plot."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
 
-    sources = [m for m in metric_order(table) if m[0] in ("ppl", "zeroshot")]
+    sources = [m for m in metric_order(table) if m[0] in _KINDS]
     models = list(dict.fromkeys(row[0] for m in sources for row in table.rows(m)))
     if not sources or not models:
         return None
@@ -62,16 +76,16 @@ def draw(table: ReportCells, paper: dict | None = None):
         for c, metric in enumerate(sources):
             ax = axes[r][c * panels]
             rows = [row for row in table.rows(metric) if row[0] == model]
-            log = metric[0] == "ppl"  # perplexities span decades; accuracies lie in [0, 1]
-            title = f"{model}: {_name(metric)}"
+            kind = _KINDS[metric[0]]
+            title = f"{model}: {kind.title.format(metric[1])}"
             if _one_setting(table, metric, rows):
-                _grouped_bars(ax, table, metric, rows, log)
+                _grouped_bars(ax, table, metric, rows)
                 ax.set_title(title, fontsize=10)
                 if n_m:
                     axes[r][c * panels + 1].set_visible(False)
                 continue
             plotted = _levels(ax, table, metric, rows, style)
-            if log and paper and paper["eval"] == metric[1]:
+            if kind.log and paper and paper["eval"] == metric[1]:
                 first = True
                 for p_model, method, pattern, sparsity, value in paper["cells"]:
                     if p_model != model or value <= 0:
@@ -81,14 +95,14 @@ def draw(table: ReportCells, paper: dict | None = None):
                             label="paper" if first else None)
                     first = False
                     plotted = True
-            if plotted and log:
+            if plotted and kind.log:
                 ax.set_yscale("log")
             ax.set_xlabel("sparsity")
-            ax.set_ylabel(_axis_label(metric))
+            ax.set_ylabel(kind.axis.format(metric[1]))
             ax.set_title(title if not n_m else f"{title}, unstructured", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             if n_m:
-                _n_m_panel(axes[r][c * panels + 1], table, metric, rows, style, share=ax, log=log)
+                _n_m_panel(axes[r][c * panels + 1], table, metric, rows, style, share=ax)
     handles = {}
     for ax in figure.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -102,18 +116,6 @@ def draw(table: ReportCells, paper: dict | None = None):
         width, height = figure.get_size_inches()
         figure.set_size_inches(width - LEGEND_WIDTH, height)
     return figure
-
-
-def _name(metric) -> str:
-    return f"perplexity on {metric[1]}" if metric[0] == "ppl" else "zero-shot mean accuracy"
-
-
-def _value_text(metric, value: float) -> str:
-    return fmt(value) if metric[0] == "ppl" else f"{value:.3f}"
-
-
-def _axis_label(metric) -> str:
-    return f"perplexity ({metric[1]})" if metric[0] == "ppl" else "zero-shot mean accuracy (higher is better)"
 
 
 def _label(row) -> str:
@@ -182,7 +184,7 @@ def _levels(ax, table: ReportCells, metric, rows, style: _Styles) -> bool:
     return plotted
 
 
-def _n_m_panel(ax, table: ReportCells, metric, rows, style: _Styles, share, log: bool) -> None:
+def _n_m_panel(ax, table: ReportCells, metric, rows, style: _Styles, share) -> None:
     """The N:M patterns along x (2:4, 4:8, ...), each row's values joined in its style, on one y range with the
     unstructured panel so that the two read together."""
     patterns = sorted({row[2] for row in rows if _is_n_m(row[2])}, key=lambda p: tuple(int(x) for x in p.split(":")))
@@ -198,7 +200,7 @@ def _n_m_panel(ax, table: ReportCells, metric, rows, style: _Styles, share, log:
             ax.axhline(points[0][1], linewidth=1, **style.baseline(row[1]))
     ax.set_xticks(range(len(patterns)), patterns)
     ax.set_xlim(-0.5, len(patterns) - 0.5)
-    if log:
+    if _KINDS[metric[0]].log:
         ax.set_yscale("log")
     low, high = zip(ax.get_ylim(), share.get_ylim())
     for each in (ax, share):  # one y range for both panels
@@ -216,9 +218,10 @@ def _one_setting(table: ReportCells, metric, rows) -> bool:
     return len(levels) == 1
 
 
-def _grouped_bars(ax, table: ReportCells, metric, rows, log: bool) -> None:
+def _grouped_bars(ax, table: ReportCells, metric, rows) -> None:
     """Methods along x, one bar per pattern within each (log y for perplexity); the baseline as a dashed
     line."""
+    kind = _KINDS[metric[0]]
     methods = list(dict.fromkeys(row[1] for row in rows if row[2] != DENSE_PATTERN))
     patterns = list(dict.fromkeys(row[2] for row in rows if row[2] != DENSE_PATTERN))
     width = 0.8 / max(1, len(patterns))
@@ -231,21 +234,21 @@ def _grouped_bars(ax, table: ReportCells, metric, rows, log: bool) -> None:
                 xs.append(j + (i - (len(patterns) - 1) / 2) * width)
                 ys.append(value)
         bars = ax.bar(xs, ys, width=width, color=f"C{i}", label=pattern)
-        ax.bar_label(bars, labels=[_value_text(metric, y) for y in ys], fontsize=7, padding=1)
+        ax.bar_label(bars, labels=[kind.value(y) for y in ys], fontsize=7, padding=1)
     lowest = min(ys_all) if (ys_all := [v for row in rows for v in table.metrics[metric][row].values()
                                          if v is not None and math.isfinite(v) and v > 0]) else None
     for row in rows:
         if row[2] == DENSE_PATTERN:
             value = next((v for v in table.metrics[metric][row].values() if v is not None), None)
             if value is not None and value > 0:
-                ax.axhline(value, color="0.4", linestyle="--", linewidth=1, label=f"{row[1]} {_value_text(metric, value)}")
-    if lowest is not None and log:
+                ax.axhline(value, color="0.4", linestyle="--", linewidth=1, label=f"{row[1]} {kind.value(value)}")
+    if lowest is not None and kind.log:
         ax.set_ylim(bottom=lowest / 1.5)  # the baseline's line clear of the axis
     ax.set_xticks(range(len(methods)), methods)
     sparsity = next(iter({s for row in rows if row[2] != DENSE_PATTERN for s in table.metrics[metric][row]}), None)
     ax.set_xlabel("method" + (f" (sparsity {fmt_sparsity(sparsity)})" if sparsity is not None else ""))
-    ax.set_ylabel(_axis_label(metric))
-    if log:
+    ax.set_ylabel(kind.axis.format(metric[1]))
+    if kind.log:
         ax.set_yscale("log")
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
