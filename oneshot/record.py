@@ -142,12 +142,26 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: str) -> str:
+    """The device as records name it. On a CPU this includes the kernels torch picked (AVX2, AVX512, ...):
+    float32 sums differ between them, so the same run's perplexity moves in its fourth digit across CPUs."""
     import torch
 
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"cpu ({cpu_model()}, {capability}, {torch.get_num_threads()} threads)"
 
 
 @functools.lru_cache(maxsize=1)
