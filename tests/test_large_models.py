@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from oneshot import run
 from oneshot.models import PRESETS, block_weights, build_random_model, decoder_blocks, load_model, materialised
@@ -102,3 +102,19 @@ def test_weights_stay_on_disk_by_themselves_when_they_would_not_fit(tmp_path, mo
     monkeypatch.setattr(lazy, "available_host_bytes", lambda: 1000)  # a machine with 1 kB free
     assert loading.weights_stay_on_disk(str(tmp_path / "base"), torch.float32)
     assert block_weights(load_model(str(tmp_path / "base"), on_disk=None).model) is not None
+
+
+@pytest.mark.parametrize("on_disk, verb", [(False, "load"), (True, "open")])
+def test_a_model_transformers_cannot_build_is_one_model_error_and_logging_is_restored(tmp_path, on_disk, verb):
+    from transformers.utils import logging as hf_logging
+
+    from oneshot.models import ModelError
+    from oneshot.models.random_models import BYTE_TOKENIZER_FILE
+
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    (tmp_path / BYTE_TOKENIZER_FILE).write_text("{}")
+    save_file({"w": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    before = hf_logging.get_verbosity()
+    with pytest.raises(ModelError, match=f"could not {verb} model .*no-such-architecture"):
+        load_model(str(tmp_path), on_disk=on_disk)
+    assert hf_logging.get_verbosity() == before

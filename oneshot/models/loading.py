@@ -7,6 +7,7 @@ presets and their construction are in random_models.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from dataclasses import dataclass
@@ -28,6 +29,24 @@ class LoadedModel:
     name: str  # what the user asked for
     source: str  # where the weights came from
 
+
+
+@contextlib.contextmanager
+def _transformers_building(spec: str, verb: str):
+    """Quiet transformers' logging while it builds a model, and turn the many exception kinds it raises for
+    one it cannot build into one ModelError line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"could not {verb} model {spec}: {' '.join(str(exc).split())[:400]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 def gguf_file(spec: str) -> Path:
     """The GGUF file an embedded alias or a .gguf spec names (check_model_spec's kinds "alias" and "gguf")."""
@@ -205,23 +224,14 @@ def _open_on_disk(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         model = build_random_model(spec[7:], dtype, seed, on_disk=True)
         return LoadedModel(model, ByteTokenizer(), spec, f"random weights, seed {seed} (blocks streamed)")
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from .lazy import open_checkpoint
 
     path = Path(spec).expanduser()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with _transformers_building(spec, "open"):
         byte_tokens = (path / BYTE_TOKENIZER_FILE).is_file()
         tokenizer = ByteTokenizer() if byte_tokens else _load_tokenizer(AutoTokenizer, str(path), spec, {})
         model = open_checkpoint(path, dtype)
-    except ModelError:
-        raise
-    except Exception as exc:  # transformers raises many kinds for a model it cannot build
-        raise ModelError(f"could not open model {spec}: {' '.join(str(exc).split())[:400]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     _experts_for_dtype(model, dtype)
     return LoadedModel(model, tokenizer, spec, f"{spec} (decoder blocks read from disk as reached)")
 
@@ -254,20 +264,15 @@ def _load_model(spec: str, dtype: torch.dtype, seed: int) -> LoadedModel:
         from transformers import CompressedTensorsConfig
 
         extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # loading draws bars of its own; ours per block are enough
     gguf_bar = _quiet_gguf_bar()
     try:
-        tokenizer = ByteTokenizer() if byte_tokens else _load_tokenizer(AutoTokenizer, where, spec,
-                                                                          {k: v for k, v in extra.items() if k == "gguf_file"})
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32 if cacheable else dtype, **extra)
-    except ModelError:
-        raise
-    except Exception as exc:  # transformers raises many kinds for a model it cannot build
-        raise ModelError(f"could not load model {spec}: {' '.join(str(exc).split())[:400]}") from None
+        with _transformers_building(spec, "load"):
+            tokenizer = ByteTokenizer() if byte_tokens else _load_tokenizer(
+                AutoTokenizer, where, spec, {k: v for k, v in extra.items() if k == "gguf_file"})
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32 if cacheable else dtype,
+                                                         **extra)
     finally:
-        hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
         gguf_bar()
     if extra:
