@@ -35,7 +35,6 @@ def test_run_returns_a_record_with_every_0_2_0_key(tmp_path):
     assert written["threads"] == torch.get_num_threads()  # a bit-for-bit rerun needs the same count
 
 
-
 def test_a_cpu_record_names_the_cpu_and_the_kernels_torch_picked():
     # float32 sums differ between AVX2 and AVX512 kernels, so a figure is only reproducible on the same path
     from oneshot.record import cpu_model, device_name
@@ -43,6 +42,7 @@ def test_a_cpu_record_names_the_cpu_and_the_kernels_torch_picked():
     name = device_name("cpu")
     assert cpu_model() in name and torch.backends.cpu.get_cpu_capability() in name
     assert f"{torch.get_num_threads()} threads" in name
+
 
 def test_options_reach_the_method_typed(monkeypatch):
     seen = []

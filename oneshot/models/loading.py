@@ -30,7 +30,6 @@ class LoadedModel:
     source: str  # where the weights came from
 
 
-
 @contextlib.contextmanager
 def _transformers_building(spec: str, verb: str):
     """Quiet transformers' logging while it builds a model, and turn the many exception kinds it raises for
@@ -47,6 +46,7 @@ def _transformers_building(spec: str, verb: str):
         raise ModelError(f"could not {verb} model {spec}: {' '.join(str(exc).split())[:400]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
 
 def gguf_file(spec: str) -> Path:
     """The GGUF file an embedded alias or a .gguf spec names (check_model_spec's kinds "alias" and "gguf")."""
