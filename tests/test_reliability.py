@@ -1,8 +1,12 @@
 """Faults: a killed run resumes to the same model, outputs are atomic, and numerics never fail silently."""
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +180,71 @@ def test_interrupted_write_removes_the_folders_it_created(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         atomic.write_atomic(tmp_path / "kept" / "result.json", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def _fork(child) -> int:
+    """Fork; the child runs `child()` and exits 0, or 1 if it raised; never returns to pytest."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _exit_status(pid: int, within: float):
+    """The child's wait status once it has ended, or None if it is still running after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped already
+            return 0
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def test_a_forked_child_of_the_cli_ends_at_sigterm_as_the_kernel_ends_it():
+    """lm-eval's bootstrap Pool forks workers and ends them with SIGTERM. With the CLI's Python handler
+    inherited, a worker could miss it and hang the run (benchmarks/pool_terminate.py reproduces it)."""
+    from oneshot.cli import _interrupted
+
+    lock = multiprocessing.Lock()
+    lock.acquire()
+    read, write = os.pipe()
+
+    def wait_on_the_lock():
+        os.write(write, b"default" if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else b"python!")
+        lock.acquire()  # a pool worker's wait for its next task; the parent holds the lock
+
+    def handler_still_set():  # as when the signal comes before the at-fork reset has run
+        signal.signal(signal.SIGTERM, _interrupted)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = {signum: signal.signal(signum, _interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        waiting = _fork(wait_on_the_lock)
+        handled = _fork(handler_still_set)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    try:
+        assert os.read(read, 7) == b"default"
+        os.kill(waiting, signal.SIGTERM)
+        for pid in (waiting, handled):
+            status = _exit_status(pid, within=60)
+            assert status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    finally:
+        for pid in (waiting, handled):  # none left behind, whatever failed
+            if _exit_status(pid, within=0) is None:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
 
 
 def test_run_too_large_for_memory_stops_before_any_work(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -48,14 +49,34 @@ def _log_to_stderr() -> None:
 def _interrupted(signum, _frame):
     """The first SIGINT or SIGTERM unwinds the run (temporary files are removed on the way out);
     further ones are ignored so that the clean-up itself is not cut short."""
+    if os.getpid() != _cli_pid:  # a forked child that ran before _forked_child_defaults: end as the default does
+        _forked_child_defaults()
+        os.kill(os.getpid(), signum)
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def _forked_child_defaults():
+    """A child forked by a library (lm-eval's bootstrap Pool) ends at SIGINT and SIGTERM as the kernel ends it.
+    With our handler, Pool.terminate's SIGTERM can land just before a worker blocks on the task queue's lock:
+    CPython runs the handler only when that wait is interrupted, so the worker waits on and the run hangs
+    (benchmarks/pool_terminate.py)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is _interrupted:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+_cli_pid = os.getpid()
+os.register_at_fork(after_in_child=_forked_child_defaults)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`oneshot COMMAND ...`: a bad argument or a failed run is one line on stderr and an exit status."""
     argv = sys.argv[1:] if argv is None else argv
+    global _cli_pid
+    _cli_pid = os.getpid()
     handlers = {}
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
